@@ -85,6 +85,9 @@ def load_upstream_npy(path: Path | str, trust_pickle: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise MissingDataError(f"{path}: file not found")
+    with open(path, "rb") as fh:
+        if fh.read(6) != b"\x93NUMPY":
+            raise DataError(f"{path}: not a readable .npy file (no NPY header; truncated or another format)")
     try:
         arr = np.load(path, allow_pickle=False)
     except ValueError as e:
