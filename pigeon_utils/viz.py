@@ -71,3 +71,18 @@ def histogram(values: Sequence[float], title: str, xlabel: str, bins: int = 20):
     ax.set_xlabel(xlabel)
     fig.tight_layout()
     return fig
+
+
+def image_rows(images: Sequence, titles: Sequence[str] | None = None, width: float = 12.0):
+    """Wide images (e.g. overlay strips) stacked one per row, each with its title; heights follow the aspect."""
+    arrs = [np.asarray(im) for im in images]
+    heights = [width * a.shape[0] / a.shape[1] + 0.35 for a in arrs]
+    fig, axes = plt.subplots(len(arrs), 1, figsize=(width, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for k, (ax, a) in enumerate(zip(axes[:, 0], arrs)):
+        ax.imshow(a, interpolation="nearest")
+        ax.axis("off")
+        if titles is not None:
+            ax.set_title(titles[k], fontsize=9)
+    fig.tight_layout()
+    return fig
