@@ -22,7 +22,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from pigeon_utils.masking import MutualMaskGenerator, generate_keep_mask, layout_from_counts
+from pigeon_utils.masking import MutualMaskGenerator, generate_keep_mask
+from pigeon_utils.sequence import mask_layout
 
 MASK_TYPES = ("mutual", "random", "none")
 KEPT = (40, 200, 90)
@@ -57,26 +58,6 @@ def tokenize_samples(backbone, ds, samples: Sequence) -> list[TokenizedSample]:
     return out
 
 
-def _pack(backbone, items: Sequence[TokenizedSample]) -> tuple[Tensor, Tensor]:
-    """Visual ids of each sample laid out as the mask generator reads them (spec §2.2): H1..H5, then the
-    reference wrapped in ``[IMG] … [/IMG]``; right-padded with the pad id. Returns ``(ids [B, L], counts [B, 6])``
-    where the reference count includes the two delimiters."""
-    lay = backbone.layout
-    per_image = []
-    for it in items:
-        ids = [c + lay.visual_offset for c in it.codes]
-        ids[-1] = torch.cat([torch.tensor([lay.img_id]), ids[-1], torch.tensor([lay.emb_id])])
-        per_image.append(ids)
-    counts = torch.tensor([[len(x) for x in ids] for ids in per_image], dtype=torch.long)
-    flat = torch.cat([x for ids in per_image for x in ids]).long()
-    lengths = counts.sum(-1)
-    L = int(lengths.max())
-    padded = torch.full((len(items), L), lay.pad_id, dtype=torch.long)
-    valid = torch.arange(L)[None, :] < lengths[:, None]
-    padded[valid] = flat
-    return padded, counts
-
-
 @torch.no_grad()
 def compute_masks(backbone, items: Sequence[TokenizedSample], mask_type: str = "mutual",
                   hist_mask_ratio: float = 0.2, ref_mask_ratio: float = 0.5,
@@ -89,8 +70,10 @@ def compute_masks(backbone, items: Sequence[TokenizedSample], mask_type: str = "
     """
     if mask_type not in MASK_TYPES:
         raise ValueError(f"mask_type={mask_type!r}: expected one of {MASK_TYPES}")
-    ids, counts = _pack(backbone, items)
-    position_ids, type_ids, padding = layout_from_counts(counts)
+    lay = backbone.layout
+    ml = mask_layout([[c + lay.visual_offset for c in it.codes[:5]] for it in items],
+                     [it.codes[5] + lay.visual_offset for it in items], lay)
+    ids, counts, position_ids, type_ids, padding = ml.ids, ml.counts, ml.position_ids, ml.type_ids, ml.padding_mask
     g = torch.Generator().manual_seed(int(seed))
     kw = {}
     if mask_type == "mutual":
@@ -265,23 +248,29 @@ def nested_fraction(backbone, items: Sequence[TokenizedSample], ratios: Sequence
     return hits / max(total, 1)
 
 
-def load_mask_generator(backbone, cfg, path=None) -> tuple[MutualMaskGenerator, str]:
-    """The mask generator to look at: from `path` (safetensors state dict) when given, else the one saved by
-    notebook 03 under ``run_dir/sft/`` when present, else a freshly initialised one (seeded by ``cfg.seed``)
-    — which is what the reference code effectively uses, since it never trains it (spec §2.8)."""
+def load_mask_generator(backbone, cfg, folder=None) -> tuple[MutualMaskGenerator, str]:
+    """The mask generator to look at: from a trained model `folder` (``pigeon_model.json`` +
+    ``mask_generator.safetensors``, as notebook 03 writes them) when given, else ``run_dir/sft/best`` when
+    present, else a freshly initialised one of the preset's SFT configuration (seeded by ``cfg.seed``) — which
+    is what the reference code effectively uses, since it never trains it (spec §2.8)."""
+    import json
     from pathlib import Path
 
     from safetensors.torch import load_file
 
+    from pigeon_utils.model import PigeonModelConfig
+    from pigeon_utils.sft import SFTConfig
+
     dim = backbone.lmm.get_input_embeddings().weight.shape[1]
+    path = Path(folder) if folder else cfg.run_dir / "sft" / "best"
+    if folder and not (path / "pigeon_model.json").is_file():
+        raise FileNotFoundError(f"{path / 'pigeon_model.json'}: not found; expected a model folder written by "
+                                "notebook 03 (SFT) or 05 (DPO)")
     torch.manual_seed(cfg.seed)
-    gen = MutualMaskGenerator(dim)
-    candidates = [Path(path)] if path else sorted((cfg.run_dir / "sft").glob("**/mask_generator/model.safetensors"))
-    if path and not Path(path).is_file():
-        raise FileNotFoundError(f"mask_generator_path={str(path)!r}: file not found")
-    source = f"initialised from seed {cfg.seed} (untrained)"
-    if candidates:
-        p = candidates[-1]
-        gen.load_state_dict(load_file(str(p)), strict=True)
-        source = str(p)
-    return gen.eval(), source
+    if (path / "pigeon_model.json").is_file():
+        mc = PigeonModelConfig.from_dict(json.loads((path / "pigeon_model.json").read_text()))
+        gen = mc.build_mask_generator(dim)
+        gen.load_state_dict(load_file(str(path / "mask_generator.safetensors")), strict=True)
+        return gen.eval(), str(path)
+    gen = SFTConfig.for_preset(cfg.preset).model.build_mask_generator(dim)
+    return gen.eval(), f"initialised from seed {cfg.seed} (untrained)"
