@@ -13,6 +13,16 @@ import pytest
 import pigeon_utils  # noqa: F401  (side effects: offline defaults, torchvision guard)
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Smoke parameters of every notebook: the same notebooks, cut short (DESIGN.md §4). Papermill passes them to
+# the notebook's parameters cell. A notebook added to notebooks/ must get an entry here (a test checks it), so
+# it joins the CI runs in toy mode (tests/test_batch.py) and with preset="lavit" (tests/test_lavit_backbone.py).
+NOTEBOOK_SMOKE = {
+    "01": {"max_samples": 3},
+    "02": {"max_samples": 2, "ref_mask_ratios": [0.0, 0.5, 1.0], "show_ratios": [0.0, 1.0]},
+    "03": {"max_steps": 2, "max_samples": 8, "batch_size": 4, "eval_every": 1, "n_eval_samples": 4, "n_show": 2,
+           "max_new_tokens": 12},
+}
 SHARED = Path(os.environ.get("PIGEON_SHARED", REPO.parent / "shared"))
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from conftest import NOTEBOOK_SMOKE
+
 from pigeon_utils.batch import BatchError, list_notebooks, run_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,9 +27,22 @@ def test_notebooks_are_committed_clean_with_a_parameters_cell():
             assert f"{p} =" in src, (nb_path.name, p)
 
 
+def test_every_notebook_has_smoke_parameters():
+    assert sorted(p.name[:2] for p in list_notebooks()) == sorted(NOTEBOOK_SMOKE)
+
+
+@pytest.mark.parametrize("number", [n for n in sorted(NOTEBOOK_SMOKE) if n != "01"])
+def test_notebook_runs_in_toy_mode(tmp_path, number):
+    scenario = "movie" if number == "03" else "sticker"
+    outs = run_batch("toy", scenario, tmp_path / "run", only=[number], parameters=NOTEBOOK_SMOKE[number])
+    nb = nbformat.read(outs[0], as_version=4)
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert images, f"notebook {number} showed no figure"
+
+
 @pytest.mark.parametrize("scenario", ["sticker", "movie"])
 def test_notebook_01_runs_in_toy_mode(tmp_path, scenario):
-    outs = run_batch("toy", scenario, tmp_path / "run", only=["01"], parameters={"max_samples": 3})
+    outs = run_batch("toy", scenario, tmp_path / "run", only=["01"], parameters=NOTEBOOK_SMOKE["01"])
     nb = nbformat.read(outs[0], as_version=4)
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 4

@@ -8,6 +8,9 @@ generated visual tokens back into SDXL-style UNet conditioning:
 * :class:`DynamicVisualTokenizer`: token predictor, token merger, quantizer -> code ids.
 * :class:`HighresVQDecoder` / :class:`VQDecoder`: code ids -> UNet conditioning.
 * :mod:`pigeon_utils.lavit.checkpoint`: loading these parts from a ``rain1011/LaVIT-7B-v2`` folder.
+* :func:`load_lavit_backbone`: the whole checkpoint (plus the LLM, text tokenizer and SDXL-style pixel decoder) as a
+  :class:`pigeon_utils.backbone.Backbone`; :func:`write_tiny_checkpoint`: a tiny random one in the same layout.
+* :mod:`pigeon_utils.lavit.extractors`: the evaluation feature extractors, from local files only.
 
 Parameter names follow upstream (jy0205/LaVIT) so the published state dicts load strictly; sizes come
 from :class:`LaVITConfig` (``real()`` / ``tiny()``).
@@ -19,6 +22,7 @@ from pigeon_utils.lavit.config import (
     TokenIds,
     TokenizerConfig,
 )
+from pigeon_utils.lavit.backbone import LaVITMissingFileError, LaVITWeightsError, load_lavit_backbone
 from pigeon_utils.lavit.decoder import HighresVQDecoder, VQDecoder
 from pigeon_utils.lavit.eva import EVAVisionTransformer
 from pigeon_utils.lavit.ids import codes_to_llm_ids, llm_ids_to_codes
@@ -29,6 +33,7 @@ from pigeon_utils.lavit.tokenizer import (
     VectorQuantizer,
     sample_keep_decision,
 )
+from pigeon_utils.lavit.tiny_checkpoint import write_tiny_checkpoint
 
 __all__ = [
     "DecoderConfig",
@@ -38,6 +43,8 @@ __all__ = [
     "HighresVQDecoder",
     "LaVITConfig",
     "LaVITImageProcessor",
+    "LaVITMissingFileError",
+    "LaVITWeightsError",
     "TokenIds",
     "TokenizerConfig",
     "TokenizerOutput",
@@ -45,5 +52,7 @@ __all__ = [
     "VectorQuantizer",
     "codes_to_llm_ids",
     "llm_ids_to_codes",
+    "load_lavit_backbone",
     "sample_keep_decision",
+    "write_tiny_checkpoint",
 ]
