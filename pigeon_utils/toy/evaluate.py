@@ -1,0 +1,78 @@
+"""The toy backbone's figures (issue 3 "Must show"), shared by the build (recorded in ``manifest.json``) and by
+``bench/bench_toy_backbone.py`` (recomputed from the committed checkpoint).
+
+* :func:`clip_accuracy` — toy CLIP zero-shot accuracy on held-out images (semantic = glyph; style = colour,
+  pattern, stroke).
+* :func:`round_trip` — image -> tokens -> detokenizer -> pixel decoder, judged by the toy CLIP; token-count stats.
+* :func:`caption_generation` — caption -> visual tokens with the pre-trained LMM (under the backbone's logits
+  processor) -> image, on caption combinations held out of the LMM's pre-training.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pigeon_utils.toy.clip import ToyClip, factor_accuracy
+
+
+def fresh_images(combos: Sequence[tuple[str, str, str, str]], n: int, seed: int):
+    """`n` fresh renders cycling through `combos` with random jitter -> (uint8 [n, 64, 64, 3], factor dicts)."""
+    from pigeon_utils.toy_data import random_factors, render
+
+    rng = np.random.default_rng(seed)
+    fs = [random_factors(rng, *combos[i % len(combos)]) for i in range(n)]
+    return np.stack([np.asarray(render(f)) for f in fs]), [asdict(f) for f in fs]
+
+
+def clip_accuracy(clip: ToyClip, images, factors: list[dict]) -> dict[str, float]:
+    return factor_accuracy(clip.predict_factors(images), factors)
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def decode_in_batches(backbone, codes: list[torch.Tensor], seed: int, batch: int = 128) -> np.ndarray:
+    gen = torch.Generator().manual_seed(seed)
+    return np.concatenate([_to_uint8(backbone.decode_codes(codes[i:i + batch], generator=gen))
+                           for i in range(0, len(codes), batch)])
+
+
+def round_trip(backbone, clip: ToyClip, images: np.ndarray, factors: list[dict], seed: int) -> dict:
+    tokens = backbone.tokenizer.tokenize(images)
+    counts = tokens.counts.float()
+    decoded = decode_in_batches(backbone, tokens.codes, seed)
+    preview = backbone.tokenizer.render_codes(tokens.codes).numpy()
+    return {"decoded": clip_accuracy(clip, decoded, factors),
+            "centroid_preview": clip_accuracy(clip, preview, factors),
+            "tokens_per_image": {"min": int(counts.min()), "mean": float(counts.mean()), "max": int(counts.max()),
+                                 "std": float(counts.std()), "distinct_counts": int(counts.unique().numel())},
+            "_decoded_images": decoded}
+
+
+def caption_generation(backbone, clip: ToyClip, combos: Sequence[tuple[str, str, str, str]], per_combo: int,
+                       seed: int, top_k: int = 50, temperature: float = 1.0) -> dict:
+    """Generate ``per_combo`` images for each held-out caption combination and judge them with the toy CLIP."""
+    from pigeon_utils.toy.lmm import generate_images_codes
+    from pigeon_utils.toy_data import ToyFactors
+
+    truth = [dict(zip(("glyph", "colour", "pattern", "stroke"), c)) for c in combos for _ in range(per_combo)]
+    captions = [ToyFactors(**t).caption() for t in truth]
+    codes = generate_images_codes(backbone.lmm, backbone.text_tokenizer, backbone.layout,
+                                  backbone.visual_logits_processor(), captions, gen_seed=seed, top_k=top_k,
+                                  temperature=temperature)
+    images = decode_in_batches(backbone, codes, seed)
+    acc = clip_accuracy(clip, images, truth)
+    lengths = torch.tensor([len(c) for c in codes]).float()
+    return {"n_images": len(codes), "n_combos": len(combos), "accuracy": acc,
+            "tokens_per_image": {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())},
+            "sampling": {"top_k": top_k, "temperature": temperature}, "_images": images, "_captions": captions}
+
+
+def public(d: dict) -> dict:
+    """Drop the ``_``-prefixed (array) entries, recursively, for JSON."""
+    return {k: public(v) if isinstance(v, dict) else v for k, v in d.items() if not k.startswith("_")}

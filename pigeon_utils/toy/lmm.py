@@ -1,0 +1,162 @@
+"""The toy LMM: a small ``transformers.LlamaForCausalLM`` with LaVIT's id layout, pre-trained on toy multimodal
+sequences, and the logits processor that keeps its generated visual tokens well-formed.
+
+Pre-training data (:func:`pretraining_segments`): for each toy image, either
+
+* caption -> image:  ``caption [IMG] v_1 … v_n [/IMG]``  (text-to-image, what Pigeon's generation builds on), or
+* image -> caption:  ``[IMG] v_1 … v_n [/IMG] caption </s>``  (understanding),
+
+with ``v = visual_offset + code``. Segments are shuffled and packed back to back into fixed-length rows, so a row
+holds several images (as Pigeon's prompts do) and the loss is next-token cross-entropy everywhere.
+
+Generation rule (:class:`ToyVisualGrammar`): after ``[IMG]`` the image token comes first; after it, patch tokens
+in increasing patch position, or ``[/IMG]``. It only touches visual ids and ``[/IMG]``; Pigeon gets it from
+:meth:`pigeon_utils.backbone.Backbone.visual_logits_processor`, never by name.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from transformers import LogitsProcessor
+
+from pigeon_utils.prompts import IdLayout
+
+
+def make_llama(vocab_size: int, layout: IdLayout, hidden: int = 128, layers: int = 4, heads: int = 4,
+               intermediate: int = 384, max_positions: int = 1024):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=layout.pad_id, initializer_range=0.02)
+    return LlamaForCausalLM(cfg)
+
+
+class ToyVisualGrammar(LogitsProcessor):
+    """A ``transformers`` logits processor: visual tokens of a toy image must be ``image token, patch tokens
+    with strictly increasing positions``. Vectorised over the batch and the vocabulary.
+
+    ``position`` [codebook_size] is the tokenizer's code -> patch position table (-1 for image tokens).
+    """
+
+    def __init__(self, layout: IdLayout, position: Tensor):
+        v = layout.vocab_size
+        self.layout = layout
+        pos = torch.full((v,), -2, dtype=torch.long)  # -2: not a visual id
+        pos[layout.visual_offset:] = position
+        self.pos = pos
+        self.is_image_tok = pos == -1
+        self.is_patch = pos >= 0
+        self.is_end = torch.zeros(v, dtype=torch.bool)
+        self.is_end[layout.emb_id] = True
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        last = input_ids[:, -1]
+        n = scores.shape[-1]
+        pos, is_image_tok, is_patch = self.pos[:n].to(scores.device), self.is_image_tok[:n], self.is_patch[:n]
+        after_start = (last == self.layout.img_id)[:, None]
+        last_pos = pos.to(last.device)[last.clamp(max=n - 1)]
+        in_image = (last_pos >= -1)[:, None]  # the last token was an image or patch token
+        ban = (after_start & (is_patch | self.is_end[:n])[None]) \
+            | (in_image & is_image_tok[None]) \
+            | (in_image & is_patch[None] & (pos[None] <= last_pos[:, None]))
+        return scores.masked_fill(ban.to(scores.device), float("-inf"))
+
+
+class SuppressText(LogitsProcessor):
+    """Bans every id below ``layout.img_id`` (text) — what Pigeon's generation does with ids 3..31999."""
+
+    def __init__(self, layout: IdLayout):
+        self.n = layout.img_id
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        scores = scores.clone()
+        scores[:, : self.n] = float("-inf")
+        return scores
+
+
+def pretraining_segments(codes: Sequence[Tensor], caption_ids: Sequence[Sequence[int]], layout: IdLayout,
+                         eos_id: int, p_caption_first: float, gen: torch.Generator) -> list[Tensor]:
+    """One id segment per image: caption -> image with probability `p_caption_first`, else image -> caption."""
+    first = torch.rand(len(codes), generator=gen) < p_caption_first
+    img, end = torch.tensor([layout.img_id]), torch.tensor([layout.emb_id])
+    out = []
+    for c, w, f in zip(codes, caption_ids, first.tolist()):  # one per image
+        w = torch.as_tensor(w, dtype=torch.long)
+        v = torch.cat([img, c + layout.visual_offset, end])
+        out.append(torch.cat([w, v]) if f else torch.cat([v, w, torch.tensor([eos_id])]))
+    return out
+
+
+def packed_rows(segments: Sequence[Tensor], row_len: int, gen: torch.Generator) -> Tensor:
+    """Shuffle the segments, concatenate them and cut the stream into rows [R, row_len] (the tail is dropped)."""
+    order = torch.randperm(len(segments), generator=gen).tolist()
+    stream = torch.cat([segments[i] for i in order])
+    r = len(stream) // row_len
+    return stream[: r * row_len].view(r, row_len)
+
+
+def train_lmm(model, segments: Sequence[Tensor], steps: int, batch: int, row_len: int, lr: float,
+              gen: torch.Generator, progress: bool = True, time_budget_s: float | None = None) -> dict:
+    """Next-token pre-training on packed rows (AdamW, warm-up then cosine decay). Stops early when
+    `time_budget_s` runs out. Returns ``{"steps", "tokens", "loss"}``."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
+    model.train()
+    rows, cursor, done, loss_ema = packed_rows(segments, row_len, gen), 0, 0, float("nan")
+    t0 = time.monotonic()
+    bar = tqdm(range(steps), desc="toy LMM", disable=not progress, mininterval=2)
+    for step in bar:
+        if cursor + batch > len(rows):
+            rows, cursor = packed_rows(segments, row_len, gen), 0
+        x = rows[cursor: cursor + batch]
+        cursor += batch
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_ema = loss.item() if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * loss.item()
+        done = step + 1
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss_ema:.3f}")
+        if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
+            break
+    model.eval()
+    return {"steps": done, "tokens": done * batch * row_len, "loss": loss_ema}
+
+
+@torch.no_grad()
+def generate_images_codes(model, text_tokenizer, layout: IdLayout, grammar: ToyVisualGrammar,
+                          captions: Sequence[str], gen_seed: int, top_k: int = 50, temperature: float = 1.0,
+                          max_new_tokens: int = 72, batch: int = 128) -> list[Tensor]:
+    """Caption -> code ids per caption: prompt ``<s> caption [IMG]``, sample until ``[/IMG]`` under the grammar,
+    with text ids suppressed. Deterministic given `gen_seed`."""
+    from transformers import LogitsProcessorList
+
+    out: list[Tensor] = []
+    procs = LogitsProcessorList([SuppressText(layout), grammar])
+    torch.manual_seed(gen_seed)  # generate() samples with the global generator
+    for i in range(0, len(captions), batch):
+        prompts = [[text_tokenizer.bos_token_id] + text_tokenizer(c, add_special_tokens=False)["input_ids"]
+                   + [layout.img_id] for c in captions[i:i + batch]]
+        t = max(map(len, prompts))
+        ids = torch.tensor([[layout.pad_id] * (t - len(p)) + p for p in prompts])
+        attn = (torch.arange(t)[None] >= torch.tensor([t - len(p) for p in prompts])[:, None]).long()
+        seq = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=top_k,
+                             temperature=temperature, max_new_tokens=max_new_tokens, eos_token_id=layout.emb_id,
+                             pad_token_id=layout.pad_id, logits_processor=procs)[:, t:]
+        vis = layout.is_visual(seq)
+        out += [row[m] - layout.visual_offset for row, m in zip(seq, vis)]
+    return out

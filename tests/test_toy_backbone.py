@@ -1,0 +1,157 @@
+"""The toy backbone: interface, smoke build, loading, clear checkpoint errors, and the shipped checkpoint."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pigeon_utils  # noqa: F401
+from pigeon_utils.backbone import CheckpointError, VisualTokens, load_backbone, pad_codes
+from pigeon_utils.toy.build import SMOKE, BuildConfig, build
+from pigeon_utils.toy.load import REQUIRED_FILES, load_toy_backbone, load_toy_clip
+from pigeon_utils.toy_data import ToyFactors, render
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "checkpoints" / "toy"
+
+
+def _images(*factors: ToyFactors) -> np.ndarray:
+    return np.stack([np.asarray(render(f)) for f in factors])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small models on a shared 2-core machine run far faster single-threaded (no OpenMP oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toy") / "toy"
+    build(out, replace(BuildConfig(seed=0), **SMOKE), data_dir=REPO / "dataset", progress=False)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def test_pad_codes_right_pads_and_masks():
+    ids, mask = pad_codes([torch.tensor([5, 6, 7]), torch.tensor([9])])
+    assert ids.tolist() == [[5, 6, 7], [9, 0, 0]]
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_load_backbone_dispatches_on_preset(tmp_path):
+    with pytest.raises(CheckpointError):  # the lavit loader, on a folder without LaVIT's files
+        load_backbone("lavit", tmp_path)
+    with pytest.raises(ValueError, match="preset"):
+        load_backbone("nope", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ smoke build
+def test_smoke_build_writes_every_file_and_loads(smoke_dir):
+    for rel in REQUIRED_FILES:
+        assert (smoke_dir / rel).is_file(), rel
+    manifest = json.loads((smoke_dir / "manifest.json").read_text())
+    assert manifest["seed"] == 0 and manifest["recipe"]["smoke"] is True
+    assert set(manifest["figures"]) == {"clip_zero_shot", "round_trip", "caption_to_image"}
+    bb = load_backbone("toy", smoke_dir)
+    lay = bb.layout
+    assert (lay.img_id, lay.emb_id, lay.visual_offset) == (len(bb.text_tokenizer) - 2, len(bb.text_tokenizer) - 1,
+                                                           len(bb.text_tokenizer))
+    assert lay.pad_id == bb.text_tokenizer.eos_token_id == 2
+    assert bb.lmm.config.vocab_size == lay.vocab_size == lay.visual_offset + bb.tokenizer.codebook_size
+    assert not any(t == bb.text_tokenizer.unk_token_id for t in bb.encode_text("a filled red star on a dots background"))
+
+
+def test_smoke_backbone_shapes(smoke_dir):
+    bb = load_toy_backbone(smoke_dir)
+    ims = _images(ToyFactors("star", "red", "dots", "filled", size=36), ToyFactors("moon", "blue", "plain", "outline"),
+                  ToyFactors("cross", "green", "grid", "filled", size=24, dx=5))
+    tokens = bb.tokenizer.tokenize(ims)
+    assert isinstance(tokens, VisualTokens) and len(tokens) == 3 and tokens.grid == (8, 8)
+    assert len(set(tokens.counts.tolist())) > 1  # token counts vary with the image
+    for codes, where in zip(tokens.codes, tokens.patch_index):
+        assert len(codes) == len(where) and codes.dtype == torch.long
+        assert bool(((codes >= 0) & (codes < bb.tokenizer.codebook_size)).all())
+        assert where[0] == -1 and bool((where[1:].diff() > 0).all())  # image token, then raster order
+    cond, pooled = bb.detokenizer.embed(tokens.codes)
+    d = bb.detokenizer
+    assert cond.shape == (3, 64, d.cond_dim) and pooled.shape == (3, d.pooled_dim)
+    a = bb.decode_codes(tokens.codes, generator=torch.Generator().manual_seed(1))
+    b = bb.decode_codes(tokens.codes, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (3, 3, 64, 64) and float(a.min()) >= 0 and float(a.max()) <= 1
+    assert torch.equal(a, b)  # deterministic given the generator
+    clip = load_toy_clip(smoke_dir, bb.text_tokenizer)
+    img, txt = clip.image_features(ims), clip.text_features(["a filled red star on a dots background"])
+    assert img.shape[0] == 3 and img.shape[1] == txt.shape[1]
+    assert torch.allclose(img.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_smoke_build_is_deterministic(smoke_dir, tmp_path):
+    again = tmp_path / "again"
+    build(again, replace(BuildConfig(seed=0), **SMOKE, figures=False), data_dir=REPO / "dataset", progress=False)
+    first = json.loads((smoke_dir / "manifest.json").read_text())["files"]
+    second = json.loads((again / "manifest.json").read_text())["files"]
+    assert first == second
+
+
+def test_missing_or_damaged_checkpoint_names_the_file(smoke_dir, tmp_path):
+    broken = tmp_path / "toy"
+    shutil.copytree(smoke_dir, broken)
+    (broken / "detokenizer" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"detokenizer/model\.safetensors.*missing.*pigeon_utils\.toy\.build"):
+        load_backbone("toy", broken)
+    shutil.copy(smoke_dir / "detokenizer" / "model.safetensors", broken / "detokenizer" / "model.safetensors")
+    unet = broken / "pixel_decoder" / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors.*damaged"):
+        load_backbone("toy", broken)
+    with pytest.raises(CheckpointError, match=r"unet.*damaged"):
+        load_toy_backbone(broken, check_hashes=False)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_backbone("toy", tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------------ grammar
+def test_visual_grammar_keeps_positions_increasing(smoke_dir):
+    bb = load_toy_backbone(smoke_dir)
+    lay, proc = bb.layout, bb.visual_logits_processor()
+    pos = bb.tokenizer.code_table()["position"]
+    n_global = bb.tokenizer.config.n_global
+    patch_at_10 = lay.visual_offset + int((pos == 10).nonzero()[0])
+    ids = torch.tensor([[5, lay.img_id], [lay.img_id, lay.visual_offset], [lay.visual_offset, patch_at_10]])
+    out = proc(ids, torch.zeros(3, lay.vocab_size))
+    allowed = torch.isfinite(out)
+    vis = slice(lay.visual_offset, None)
+    # after [IMG]: only image tokens among visual ids, no [/IMG]
+    assert allowed[0, vis].tolist() == (pos == -1).tolist() and not allowed[0, lay.emb_id]
+    # after the image token: any patch token or [/IMG]
+    assert allowed[1, vis].tolist() == (pos >= 0).tolist() and allowed[1, lay.emb_id]
+    # after a patch at position 10: only later positions or [/IMG]
+    assert allowed[2, vis].tolist() == (pos > 10).tolist() and allowed[2, lay.emb_id]
+    assert bool(allowed[:, : lay.img_id].all())  # text ids are Pigeon's business
+    assert n_global == int((pos == -1).sum())
+
+
+# ------------------------------------------------------------------------------------------ shipped
+def test_shipped_checkpoint_tokenizes_and_decodes():
+    assert SHIPPED.is_dir(), f"{SHIPPED} missing: build it with python -m pigeon_utils.toy.build"
+    bb = load_backbone("toy", SHIPPED)
+    clip = load_toy_clip(SHIPPED, bb.text_tokenizer)
+    truth = [ToyFactors("heart", "pink", "stripes", "filled", size=34), ToyFactors("star", "blue", "dots", "outline"),
+             ToyFactors("square", "yellow", "grid", "filled", size=28, dx=-4),
+             ToyFactors("moon", "green", "plain", "outline", size=36, dy=3)]
+    tokens = bb.tokenizer.tokenize(_images(*truth))
+    assert len(set(tokens.counts.tolist())) > 1
+    images = bb.decode_codes(tokens.codes, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (4, 3, 64, 64)
+    pred = clip.predict_factors(images)
+    right = sum(p["glyph"] == t.glyph and p["colour"] == t.colour for p, t in zip(pred, truth))
+    assert right >= 3, pred
