@@ -90,8 +90,12 @@ class Detokenizer(nn.Module, abc.ABC):
     pooled_dim: int
 
     @abc.abstractmethod
-    def forward(self, codes: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``codes`` [B, T] (right-padded) and ``mask`` [B, T] (True = real token)."""
+    def forward(self, codes: Tensor, mask: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``codes`` [B, T] (right-padded) and ``mask`` [B, T] (True = real token).
+
+        ``weights`` [B, T] (optional) scale each token's input embedding: Pigeon passes the reference's
+        straight-through keep values (1 in the forward pass), so the SFT loss reaches the mask generator
+        through the reference tokens too (spec §2.8)."""
 
     def embed(self, codes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Convenience: pad a list of code tensors and run :meth:`forward`."""

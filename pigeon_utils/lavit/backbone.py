@@ -262,7 +262,7 @@ class LaVITDetokenizer(Detokenizer):
         self.max_tokens = cfg.num_queries
         self.codebook_size = codebook.n_code
 
-    def forward(self, codes: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, codes: Tensor, mask: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if codes.dim() != 2 or mask.shape != codes.shape:
             raise ValueError(f"codes and mask must both be [B, T]; got {tuple(codes.shape)} and {tuple(mask.shape)}")
         mask = mask.to(torch.bool)
@@ -273,6 +273,8 @@ class LaVITDetokenizer(Detokenizer):
                              f"{LAVIT_LAYOUT.visual_offset} + code)")
         mask = mask & (mask.long().cumsum(dim=1) <= self.max_tokens)
         rows = self.codebook(codes[mask])
+        if weights is not None:  # straight-through keep values (1 forward) scale the codebook rows
+            rows = rows * weights[mask].unsqueeze(-1).to(rows.dtype)
         device = rows.device
         with compute_context(device, self.dtype):
             cond, pooled = self.decoder(rows, mask.sum(dim=1))

@@ -56,11 +56,13 @@ class ToyDetokenizer(Detokenizer):
         for name in ("position", "mask", "tile", "colour"):
             getattr(self, f"code_{name}").copy_(table[name])
 
-    def forward(self, codes: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, codes: Tensor, mask: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
         b, n = codes.shape[0], self.config.n_patches
         codes = codes.clamp(0, self.config.codebook_size - 1)
         feats = torch.cat([self.code_mask[codes], self.code_tile[codes], self.code_colour[codes]], -1)
         e = self.in_proj(feats) * mask[..., None]  # [B, T, D], padding zeroed
+        if weights is not None:
+            e = e * weights[..., None].to(e.dtype)
         pos = self.code_position[codes]
         is_patch = mask & (pos >= 0)
         is_image = (mask & (pos < 0)).float()
