@@ -71,6 +71,17 @@ def resolve(preset: str = "toy", scenario: str = "sticker", run_dir: str | os.Pa
         seed=int(seed), device=device, max_samples=None if max_samples is None else int(max_samples))
 
 
+def from_dict_strict(cls, d: dict):
+    """Build dataclass `cls` from `d`, refusing unknown keys (named in the error) instead of ignoring them."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    return cls(**d)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     import torch

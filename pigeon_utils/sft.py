@@ -45,7 +45,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pigeon_utils.config import from_dict_strict
 from pigeon_utils.model import PigeonBatch, PigeonModel, PigeonModelConfig
 from pigeon_utils.prompts import N_HISTORY, encode_prompt, segment_prompt
 from pigeon_utils.sequence import assemble, mask_layout
@@ -147,11 +148,7 @@ class SFTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SFTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown SFTConfig field(s) {unknown}")
-        return cls(**d)
+        return from_dict_strict(cls, d)
 
 
 def step_ref_mask_ratio(seed: int, step: int, lo: float = 0.0, hi: float = 1.0, stream: str = "train") -> float:

@@ -39,9 +39,20 @@ def shared_dir() -> Path:
     return SHARED
 
 
+def _shared_subdir(shared_dir: Path, *parts: str) -> Path:
+    d = shared_dir.joinpath(*parts)
+    if not d.is_dir():
+        pytest.skip(f"{d} is absent")
+    return d
+
+
 @pytest.fixture(scope="session")
 def golden_dir(shared_dir: Path) -> Path:
-    d = shared_dir / "golden" / "lavit_tiny"
-    if not d.is_dir():
-        pytest.skip(f"golden fixtures not found at {d}")
-    return d
+    """The golden fixtures computed by the reference implementations (shared/golden/lavit_tiny)."""
+    return _shared_subdir(shared_dir, "golden", "lavit_tiny")
+
+
+@pytest.fixture(scope="session")
+def keys_dir(shared_dir: Path) -> Path:
+    """The upstream parameter-name listings (shared/spec/keys)."""
+    return _shared_subdir(shared_dir, "spec", "keys")

@@ -63,14 +63,6 @@ def assert_matches(state: dict[str, torch.Tensor], listing: Path, what: str) -> 
 
 
 @pytest.fixture(scope="module")
-def keys_dir(shared_dir: Path) -> Path:
-    d = shared_dir / "spec" / "keys"
-    if not d.is_dir():
-        pytest.skip(f"{d} is absent")
-    return d
-
-
-@pytest.fixture(scope="module")
 def real() -> LaVITConfig:
     return LaVITConfig.real()
 
