@@ -20,9 +20,8 @@ inference prompts (spec §5.2) and :meth:`PigeonModel.decode` turns them into im
 """
 from __future__ import annotations
 
-import inspect
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,7 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pigeon_utils.adapter import PigeonAdapter
-from pigeon_utils.masking import MASK_TYPES, KeepMask, MutualMaskGenerator, _check_ratio, generate_keep_mask
+from pigeon_utils.config import from_dict_strict
+from pigeon_utils.masking import (HIST_TYPE, MASK_TYPES, TARGET_TYPE, KeepMask, MutualMaskGenerator, _check_ratio,
+                                  generate_keep_mask, gumbel_topk_keep, keep_probabilities)
 from pigeon_utils.sequence import EMB, IGNORE_INDEX, AssembledBatch, MaskLayout, reference_codes
 
 __all__ = ["PigeonModelConfig", "PigeonBatch", "PigeonOutput", "PigeonModel", "VisualOnlyLogitsProcessor"]
@@ -82,11 +83,7 @@ class PigeonModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PigeonModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown PigeonModelConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return from_dict_strict(cls, d)
 
 
 @dataclass
@@ -158,13 +155,6 @@ def _set_dropout(module: nn.Module, p: float) -> None:
             m.dropout = float(p)
 
 
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class PigeonModel(nn.Module):
     """LMM + LoRA, adapter MLP and mask generator around a frozen backbone (see the module docstring)."""
 
@@ -189,7 +179,6 @@ class PigeonModel(nn.Module):
         self.detokenizer = backbone.detokenizer
         _freeze(self.detokenizer)
         self.detokenizer.eval()
-        self._detok_weights = _accepts(self.detokenizer.forward, "weights")
         self.adapter = PigeonAdapter(in_dim=self.detokenizer.cond_dim, hid_dim=config.adapter_hidden,
                                      out_dim=hidden, drop_prob=config.adapter_dropout)
         self.mask_generator: Optional[MutualMaskGenerator] = None
@@ -244,17 +233,14 @@ class PigeonModel(nn.Module):
     def reference_embedding(self, masks: MaskLayout, keep: Tensor) -> Tensor:
         """``E = Adapter(mean_T Detokenizer(kept reference codes))`` [B, hidden] (spec §3.2).
 
-        With straight-through masks and a detokenizer that takes per-token ``weights`` the keep values weight
-        the reference tokens, so the generator's reference scores get a gradient; otherwise the frozen
+        With straight-through masks the keep values (1 in the forward pass) weight the reference tokens'
+        embeddings in the frozen detokenizer, so the generator's reference scores get a gradient; otherwise the
         detokenizer runs without autograd, as upstream.
         """
         codes, mask, weights = reference_codes(masks, keep, self.layout)
-        use_weights = self._detok_weights and self.config.straight_through and weights.requires_grad
+        use_weights = self.config.straight_through and weights.requires_grad
         with torch.set_grad_enabled(torch.is_grad_enabled() and use_weights):
-            if use_weights:
-                cond, _ = self.detokenizer(codes, mask, weights=weights)
-            else:
-                cond, _ = self.detokenizer(codes, mask)
+            cond, _ = self.detokenizer(codes, mask, weights=weights if use_weights else None)
             r = cond.mean(1)
         return self.adapter(r)
 
@@ -269,6 +255,55 @@ class PigeonModel(nn.Module):
         e = self.reference_embedding(batch.masks, keep.keep).to(x.dtype)
         x = torch.where((batch.seq.token_type == EMB).unsqueeze(-1), e.unsqueeze(1), x)
         return x, keep
+
+    @torch.no_grad()
+    def sweep_keep(self, masks: MaskLayout, ref_mask_ratios: Sequence[float], *, noise: Optional[Tensor] = None,
+                   hist_mask_ratio: Optional[float] = None) -> Tensor:
+        """Inference keep decisions for several α_r at once: [R, B, L] (row r ↔ ``ref_mask_ratios[r]``).
+
+        The mask generator scores the tokens once (the scores do not depend on α_r); the history top-k (α_h) is
+        drawn once, so every α_r sees the same history mask; the reference top-k is taken per α_r. Each slice
+        equals :meth:`keep_mask` at that α_r with ``inference=True`` (the mask types without a generator call it).
+        """
+        if len(ref_mask_ratios) == 0:
+            raise ValueError("sweep_keep needs at least one reference mask ratio α_r")
+        ratios = [_check_ratio("ref_mask_ratio", r) for r in ref_mask_ratios]
+        cfg = self.config
+        if cfg.mask_type != "mutual":
+            return torch.stack([self.keep_mask(masks, r, inference=True, noise=noise,
+                                               hist_mask_ratio=hist_mask_ratio).keep for r in ratios])
+        alpha_h = _check_ratio("hist_mask_ratio", cfg.hist_mask_ratio if hist_mask_ratio is None else hist_mask_ratio)
+        e = self.token_embeddings(masks.ids).float()
+        scores = self.mask_generator.score(e, masks.padding_mask, masks.position_ids, masks.type_ids)
+        hist_q, target_q = keep_probabilities(scores.cos_sim, masks.type_ids, inference=True)
+        hist, _ = gumbel_topk_keep(hist_q, masks.type_ids == HIST_TYPE, alpha_h, exponential=noise,
+                                   straight_through=False)
+        target = masks.type_ids == TARGET_TYPE
+        return torch.stack([hist + gumbel_topk_keep(target_q, target, r, exponential=noise, straight_through=False)[0]
+                            for r in ratios])
+
+    @torch.no_grad()
+    def sweep_embeddings(self, batch: PigeonBatch, ref_mask_ratios: Sequence[float], *,
+                         hist_mask_ratio: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Inference inputs for several reference mask ratios α_r at once (the α_r sweep of spec §5.3).
+
+        Everything but the ``<emb>`` slot is the same for every α_r (:meth:`sweep_keep`). Returns ``(x, E, keep)``:
+        ``x`` [B, T, D] the token embeddings with masked history tokens zeroed (the ``<emb>`` slot still holds its
+        token embedding); ``E`` [B, R, D] the adapter output for each α_r, from one detokenizer call over all
+        ``B × R`` masked references; ``keep`` [R, B, L]. ``x`` with ``E[:, r]`` written at the slot equals
+        :meth:`input_embeddings` at α_r = ``ref_mask_ratios[r]`` with ``inference=True``.
+        """
+        keep = self.sweep_keep(batch.masks, ref_mask_ratios, noise=batch.noise, hist_mask_ratio=hist_mask_ratio)
+        n_r, b = keep.shape[:2]
+        x = self.token_embeddings(batch.seq.input_ids)
+        x = x * batch.seq.keep_scale(keep[0]).unsqueeze(-1).to(x.dtype)
+        refs = [reference_codes(batch.masks, k, self.layout)[:2] for k in keep]
+        width = max(c.shape[1] for c, _ in refs)
+        codes = torch.cat([F.pad(c, (0, width - c.shape[1])) for c, _ in refs])  # [R·B, K], ratio-major
+        mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for _, m in refs])
+        cond, _ = self.detokenizer(codes, mask)
+        e = self.adapter(cond.mean(1)).to(x.dtype).reshape(n_r, b, -1).transpose(0, 1)
+        return x, e, keep
 
     # ----------------------------------------------------------------------------------------- training
     def forward(self, batch: PigeonBatch, ref_mask_ratio: float) -> PigeonOutput:

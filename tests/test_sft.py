@@ -114,6 +114,27 @@ def test_gradients_reach_lora_adapter_and_mask_generator(backbone_factory):
         assert base == []
 
 
+def test_reference_keep_values_carry_gradient_through_the_detokenizer(backbone_factory):
+    """Straight-through: the reference mask's keep values weight the detokenizer input (spec §2.8 fix)."""
+    from pigeon_utils.data import open_dataset
+    from pigeon_utils.model import PigeonModel, PigeonModelConfig
+    from pigeon_utils.sft import ImageTokenCache, SFTCollator, SFTDataset
+
+    ds = open_dataset(DATA, "movie")
+    for st in (True, False):
+        bb = backbone_factory()
+        model = PigeonModel(bb, PigeonModelConfig(adapter_hidden=16, mask_feedforward=32, straight_through=st))
+        sset = SFTDataset(ds, "train", bb.encode_text, bb.layout, max_samples=2)
+        batch = SFTCollator(ImageTokenCache(ds, bb.tokenizer.tokenize), bb.layout, seed=0)([sset[0], sset[1]])
+        keep = torch.ones(batch.masks.ids.shape, requires_grad=True)
+        model.reference_embedding(batch.masks, keep).sum().backward()
+        ref = batch.masks.reference_code_mask
+        if st:
+            assert keep.grad is not None and (keep.grad[ref] != 0).any() and (keep.grad[~ref] == 0).all()
+        else:
+            assert keep.grad is None or (keep.grad == 0).all()
+
+
 def test_resume_matches_uninterrupted_run(tmp_path, backbone_factory):
     from pigeon_utils.sft import latest_checkpoint, train_sft
 

@@ -1,0 +1,452 @@
+"""Inference of Pigeon (spec §5): personalized generation over a sweep of reference mask ratios α_r.
+
+For each sample the LMM reads the inference prompt of spec §1.5,
+
+    [pad…] S0  H1 … H5 (α_h-masked)  S1  E  S2  [IMG]   → samples y1 y2 … [/IMG]
+
+where ``E`` = Adapter(mean Detokenizer(reference tokens kept at ratio α_r)) is the only input that changes with α_r.
+The paper runs one full inference process per α_r ∈ {0.0, 0.1, …, 1.0} (spec §5.3). Here the sweep is one pass:
+
+1. :meth:`~pigeon_utils.model.PigeonModel.sweep_embeddings` gives the shared embeddings (history masked at α_h with
+   per-sample noise, so the history mask is the same for every α_r) and one ``E`` per α_r;
+2. :func:`prefill` runs the LMM once over the shared prefix (everything before the ``<emb>`` slot) with the KV cache,
+   repeats the cache over the ratios (rows ordered sample-major: row ``b·R + r``), then runs the short suffix
+   (``E``, ``Response:``, ``[IMG]``) for all ``B × R`` rows;
+3. :func:`sweep_tokens` samples the visual tokens (spec §5.2: top-k 50, top-p 1, temperature 1, only visual ids and
+   ``[/IMG]`` allowed, ``min_new_tokens`` / ``max_new_tokens``, ``[/IMG]`` ends an image) with our own loop over the
+   cache. Each row draws its random numbers from its own generator, seeded by ``(seed, sample index, α_r)``, so a
+   sample's image at a given α_r does not depend on the batch it is generated in (resume gives the same images);
+4. :func:`run_sweep` decodes the tokens (detokenizer → pixel decoder: DDIM, guidance 7 with zero negative
+   conditioning, 25 steps for LaVIT; the toy decoder's own defaults) in one batch per sample, writes
+   ``<out_dir>/<α_r>/<index>_u<uid>_t<target>.png`` and records every finished image in ``<out_dir>/index.json``.
+   Every file is written under a temporary name and renamed, the index is rewritten after each sample, and a re-run
+   skips samples already in the index — an interrupted sweep resumes where it stopped.
+
+Deviation from upstream: plain sampling (upstream calls HF ``generate`` with ``num_beams=4``, i.e. beam-sample).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pigeon_utils.model import PigeonBatch, PigeonModel, VisualOnlyLogitsProcessor
+from pigeon_utils.prompts import encode_prompt, segment_prompt
+from pigeon_utils.sequence import IGNORE_INDEX
+from pigeon_utils.sft import ImageTokenCache, SFTCollator
+
+__all__ = ["PAPER_REF_MASK_RATIOS", "SamplingConfig", "InferenceConfig", "SweepResult", "ratio_key", "row_seed",
+           "prefill", "sweep_tokens", "SeededImageTokens", "sweep_batch", "run_sweep", "load_index",
+           "index_table", "load_image"]
+
+#: α_r values of the paper's sweep (run_inf.sh)
+PAPER_REF_MASK_RATIOS = tuple(round(0.1 * i, 1) for i in range(11))
+INDEX_FILE = "index.json"
+INDEX_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------- config
+@dataclass
+class SamplingConfig:
+    """Visual-token sampling (spec §5.2). Paper: top-k 50, top-p 1.0, temperature 1.0, 20…300 new tokens.
+
+    ``for_preset("toy")`` keeps the sampling settings and shortens the lengths (toy images have 5–25 tokens).
+    """
+
+    top_k: int = 50
+    top_p: float = 1.0
+    temperature: float = 1.0
+    min_new_tokens: int = 20
+    max_new_tokens: int = 300
+
+    def __post_init__(self):
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
+        if int(self.max_new_tokens) != self.max_new_tokens or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not (1 <= self.min_new_tokens <= self.max_new_tokens):
+            raise ValueError(f"min_new_tokens must lie in [1, max_new_tokens={self.max_new_tokens}] (an image needs "
+                             f"at least one visual token), got {self.min_new_tokens!r}")
+
+    @classmethod
+    def for_preset(cls, preset: str, **overrides) -> "SamplingConfig":
+        if preset == "lavit":
+            base: dict = {}
+        elif preset == "toy":
+            base = dict(min_new_tokens=1, max_new_tokens=40)
+        else:
+            raise ValueError(f"preset={preset!r}: expected 'toy' or 'lavit'")
+        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+@dataclass
+class InferenceConfig:
+    """One α_r sweep: the ratios (α_r), α_h (None: the model's), samples per LMM batch (rows = ``batch_size`` ×
+    number of ratios), the sampling settings, the pixel decoder's steps / guidance (None: the world's defaults —
+    LaVIT: DDIM 25 steps, guidance 7) and the seed every random draw derives from."""
+
+    ref_mask_ratios: tuple[float, ...] = PAPER_REF_MASK_RATIOS
+    hist_mask_ratio: Optional[float] = None
+    batch_size: int = 4
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    num_inference_steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    seed: int = 123
+
+    def __post_init__(self):
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingConfig(**self.sampling)
+        self.ref_mask_ratios = tuple(float(r) for r in self.ref_mask_ratios)
+        if not self.ref_mask_ratios:
+            raise ValueError("ref_mask_ratios must hold at least one α_r")
+        bad = [r for r in self.ref_mask_ratios if not (0.0 <= r <= 1.0)]
+        if bad:
+            raise ValueError(f"ref_mask_ratios must lie in [0, 1], got {bad}")
+        keys = [ratio_key(r) for r in self.ref_mask_ratios]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"ref_mask_ratios has duplicates (to 2 decimals): {list(self.ref_mask_ratios)}")
+        if self.hist_mask_ratio is not None and not (0.0 <= self.hist_mask_ratio <= 1.0):
+            raise ValueError(f"hist_mask_ratio must be None or lie in [0, 1], got {self.hist_mask_ratio!r}")
+        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+
+    @classmethod
+    def for_preset(cls, preset: str, sampling: Optional[dict] = None, **overrides) -> "InferenceConfig":
+        return cls(sampling=SamplingConfig.for_preset(preset, **(sampling or {})),
+                   **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ref_mask_ratios"] = list(self.ref_mask_ratios)
+        return d
+
+
+def ratio_key(ratio: float) -> str:
+    """The folder / index name of α_r: two decimals (``0.30``)."""
+    return f"{float(ratio):.2f}"
+
+
+def row_seed(seed: int, index: int, ratio: float | None = None) -> int:
+    """The seed of one sample (``ratio=None``: its image tokenization and decoding noise) or of one
+    (sample, α_r) row of the sampling loop — a pure function of its arguments."""
+    r = -1 if ratio is None else int(round(float(ratio) * 1000))
+    return (int(seed) * 1_000_003 + int(index) * 104_729 + (r + 2) * 7_919) % (2**63 - 1)
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _lm(model: PigeonModel):
+    """The ``LlamaForCausalLM`` with LoRA injected in place (peft's base model)."""
+    return model.lmm.get_base_model()
+
+
+def _run_lm(lm, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache=None):
+    """One cached forward of the LMM trunk; returns ``(last hidden state [N, D], cache)``.
+
+    transformers ≥ 5 names the cache ``cache`` (argument and output), earlier versions ``past_key_values``."""
+    kw = "cache" if _accepts(lm.model.forward, "cache") else "past_key_values"
+    out = lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=True, **({kw: cache} if cache is not None else {}))
+    return out.last_hidden_state[:, -1], getattr(out, kw)
+
+
+@torch.no_grad()
+def prefill(model: PigeonModel, batch: PigeonBatch, ref_mask_ratios: Sequence[float], *,
+            hist_mask_ratio: Optional[float] = None, share_prefix: bool = True):
+    """Run the inference prompts of `batch` for every α_r of `ref_mask_ratios`; return ``(logits [B·R, V],
+    cache, attention_mask [B·R, T], next_position [B·R])`` for the first generated token.
+
+    Rows are sample-major (row ``b·R + r`` = sample b at ``ref_mask_ratios[r]``). With ``share_prefix`` the LMM
+    reads the columns before the earliest ``<emb>`` slot once per sample and the cache is repeated over the ratios;
+    without it every row reads its whole prompt (the reference for tests and benchmarks).
+    """
+    if bool((batch.seq.labels != IGNORE_INDEX).any()):
+        raise ValueError("prefill needs inference prompts (assembled with target=None): this batch has labels")
+    lm = _lm(model)
+    seq = batch.seq
+    n_r = len(ref_mask_ratios)
+    x, e, _ = model.sweep_embeddings(batch, ref_mask_ratios, hist_mask_ratio=hist_mask_ratio)
+    b, t, d = x.shape
+    rep = lambda v: v.repeat_interleave(n_r, dim=0)  # noqa: E731  [B, …] -> [B·R, …], sample-major
+    am, pos = rep(seq.attention_mask), rep(seq.position_ids)
+    c = int(seq.emb_position.min()) if share_prefix else 0
+    cache = None
+    if c > 0:
+        _, cache = _run_lm(lm, x[:, :c], seq.attention_mask[:, :c], seq.position_ids[:, :c])
+        if n_r > 1:
+            cache.batch_repeat_interleave(n_r)
+    xs = rep(x[:, c:]).clone()  # the suffix of every (sample, α_r) row
+    rows = torch.arange(b * n_r, device=x.device)
+    xs[rows, rep(seq.emb_position) - c] = e.reshape(b * n_r, d)
+    h, cache = _run_lm(lm, xs, am, pos[:, c:], cache)
+    return lm.lm_head(h).float(), cache, am, pos[:, -1] + 1
+
+
+def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Top-k, then top-p (nucleus) filtering of [N, V] logits (−inf outside)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, int(top_k), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, idx = torch.sort(logits, dim=-1, descending=True)
+        p = torch.softmax(srt, dim=-1)
+        drop_sorted = p.cumsum(-1) - p >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, idx, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _sample(probs: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF sampling: per row the first id whose cumulative probability exceeds ``u`` ∈ [0, 1)."""
+    cdf = probs.cumsum(-1)
+    v = (u * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, v, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
+@torch.no_grad()
+def sweep_tokens(model: PigeonModel, batch: PigeonBatch, ref_mask_ratios: Sequence[float],
+                 sampling: SamplingConfig | None = None, *, seed: int = 123, hist_mask_ratio: Optional[float] = None,
+                 share_prefix: bool = True) -> list[list[Tensor]]:
+    """Sample one image's visual tokens per (sample, α_r) (spec §5.2); returns ``codes[b][r]`` (code ids, CPU).
+
+    ``batch``: inference prompts with per-sample mask noise and ``index`` (the samples' indices in their split, used
+    for the per-row generators ``row_seed(seed, index, α_r)``). Generation of a row stops at ``[/IMG]`` (not before
+    ``min_new_tokens``) or after ``max_new_tokens``; a finished row leaves the batch and the KV cache, and the loop
+    ends when no row is left.
+    """
+    sampling = sampling or SamplingConfig()
+    if batch.index is None:
+        raise ValueError("sweep_tokens needs batch.index (the samples' indices) to seed each row's sampling")
+    model.eval()
+    layout = model.layout
+    n_r = len(ref_mask_ratios)
+    logits, cache, am, next_pos = prefill(model, batch, ref_mask_ratios, hist_mask_ratio=hist_mask_ratio,
+                                          share_prefix=share_prefix)
+    n, vocab = logits.shape
+    dev = logits.device
+    # per-row uniforms, one generator per (sample, α_r): independent of the batch composition
+    u = torch.stack([torch.rand(sampling.max_new_tokens, generator=torch.Generator().manual_seed(
+        row_seed(seed, int(i), r))) for i in batch.index.tolist() for r in ref_mask_ratios]).to(dev)
+    procs = [VisualOnlyLogitsProcessor(layout, vocab)]
+    extra = model.backbone.visual_logits_processor()
+    if extra is not None:
+        procs.append(extra)
+    t = batch.seq.input_ids.shape[1]
+    ids = torch.full((n, t + sampling.max_new_tokens), layout.pad_id, dtype=torch.long, device=dev)
+    ids[:, :t] = batch.seq.input_ids.to(dev).repeat_interleave(n_r, dim=0)
+    alive = torch.arange(n, device=dev)  # rows still generating; finished rows leave the batch and the cache
+    lm = _lm(model)
+    for step in range(sampling.max_new_tokens):
+        scores = logits
+        for p in procs:
+            scores = p(ids[alive, : t + step], scores)
+        if step < sampling.min_new_tokens:
+            scores[:, layout.emb_id] = float("-inf")
+        scores = _filter_logits(scores / sampling.temperature, sampling.top_k, sampling.top_p)
+        nxt = _sample(torch.softmax(scores, dim=-1), u[alive, step])
+        ids[alive, t + step] = nxt
+        going = nxt != layout.emb_id
+        if not bool(going.any()) or step + 1 == sampling.max_new_tokens:
+            break
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(1)
+            alive, nxt, am, next_pos = alive[keep], nxt[keep], am[keep], next_pos[keep]
+            cache.batch_select_indices(keep)
+        am = torch.cat([am, am.new_ones(len(alive), 1)], dim=1)
+        h, cache = _run_lm(lm, model.token_embeddings(nxt.unsqueeze(1)), am, (next_pos + step).unsqueeze(1), cache)
+        logits = lm.lm_head(h).float()
+    new = ids[:, t:]
+    ended = (new == layout.emb_id).long().cumsum(1) > 0
+    visual = layout.is_visual(new) & ~ended
+    codes = [(row[v] - layout.visual_offset).cpu() for row, v in zip(new, visual)]
+    return [codes[k * n_r: (k + 1) * n_r] for k in range(len(codes) // n_r)]
+
+
+# ------------------------------------------------------------------------------------------------- data
+class SeededImageTokens(ImageTokenCache):
+    """:class:`~pigeon_utils.sft.ImageTokenCache` whose stochastic tokenizations (LaVIT, spec §1.7) are seeded per
+    image by ``(seed, iid)``, so an image gets the same tokens whatever else is tokenized with it. A deterministic
+    tokenizer (the toy's) runs in batches as usual."""
+
+    def __init__(self, ds, tokenizer, seed: int, batch_size: int = 64):
+        super().__init__(ds, tokenizer.tokenize, cache=True, batch_size=batch_size)
+        self.seed = int(seed)
+        self._seeded = _accepts(tokenizer.tokenize, "generator")
+
+    def _run(self, iids: Sequence[int]) -> list[Tensor]:
+        if not self._seeded:
+            return super()._run(iids)
+        out = []
+        for i in iids:  # one generator per image
+            g = torch.Generator().manual_seed(row_seed(self.seed, 10_000_000 + int(i)))
+            out.append(self.tokenize([self.ds.load_image(i)], generator=g).codes[0].reshape(-1).long().cpu())
+        return out
+
+
+def sweep_batch(ds, samples: Sequence, indices: Sequence[int], backbone, tokens: ImageTokenCache,
+                seed: int) -> PigeonBatch:
+    """Inference prompts (ending in ``[IMG]``) of `samples`, whose split indices are `indices`; each sample's mask
+    noise comes from ``(seed, index)``, so its history mask (α_h) is the same in any batch and for every α_r."""
+    items = [{"index": int(k), "iids": s.iids,
+              "prompt_ids": encode_prompt(segment_prompt(ds.prompt(s)), backbone.encode_text, backbone.layout)}
+             for k, s in zip(indices, samples)]
+    return SFTCollator(tokens, backbone.layout, seed, train=False)(items)
+
+
+# ------------------------------------------------------------------------------------------------- files
+def _atomic_write_bytes(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    _atomic_write_bytes(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
+
+
+def _save_index(index: dict, folder: Path) -> None:
+    data = json.dumps(index, indent=None, separators=(",", ":")).encode()
+    _atomic_write_bytes(folder / INDEX_FILE, lambda f: f.write(data))
+
+
+def load_index(folder: Path | str) -> dict:
+    """``<folder>/index.json`` of a sweep (see :func:`run_sweep`); a missing or damaged file names itself."""
+    path = Path(folder) / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no sweep index here (run_sweep writes it)")
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: damaged sweep index ({e})") from None
+    if index.get("version") != INDEX_VERSION:
+        raise ValueError(f"{path}: index version {index.get('version')!r}, expected {INDEX_VERSION}")
+    return index
+
+
+def load_image(folder: Path | str, rel: str) -> np.ndarray:
+    """A generated image of a sweep as uint8 [H, W, 3]."""
+    from PIL import Image
+
+    with Image.open(Path(folder) / rel) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def index_table(index: dict) -> tuple[list[int], list[str]]:
+    """The finished samples (split indices, sorted) and the ratio keys of a sweep index."""
+    ratios = [ratio_key(r) for r in index["config"]["ref_mask_ratios"]]
+    return sorted(int(k) for k in index["samples"]), ratios
+
+
+# ------------------------------------------------------------------------------------------------- sweep
+@dataclass
+class SweepResult:
+    """What :func:`run_sweep` did: the index (see there), its folder, samples generated now / found finished,
+    and the seconds spent generating tokens and decoding images."""
+
+    index: dict
+    out_dir: Path
+    generated: int
+    skipped: int
+    token_seconds: float
+    decode_seconds: float
+
+
+def _to_uint8(images: Tensor) -> np.ndarray:
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def run_sweep(model: PigeonModel, ds, split: str, out_dir: Path | str, cfg: InferenceConfig, *,
+              max_samples: Optional[int] = None, model_label: str = "", resume: bool = True,
+              progress: bool = True, interrupt_after: Optional[int] = None) -> SweepResult:
+    """Generate one image per (sample, α_r) for the first `max_samples` samples of `split` (spec §5).
+
+    Files under `out_dir` (e.g. ``run_dir/inference/test``): ``<α_r>/<index>_u<uid>_t<target>.png`` and
+    ``index.json`` = ``{"version", "split", "model", "config", "samples": {index: {"uid", "gid", "history",
+    "target", "images": {α_r: {"path", "codes"}}}}}`` (paths relative to `out_dir`, codes = the generated code ids,
+    which notebook 04 turns into preference pairs). A sample enters the index only when all its images are written.
+
+    ``resume``: skip samples already in the index (the index's config must equal `cfg`, else a ValueError says what
+    differs); False starts the index over. ``interrupt_after``: stop after this many samples of this call (what a
+    killed run leaves behind; used by the tests).
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.rglob(".*.tmp*"):  # temporary files of a run killed mid-write
+        stale.unlink()
+    conf = cfg.to_dict()
+    index = {"version": INDEX_VERSION, "split": split, "model": model_label, "config": conf, "samples": {}}
+    if resume and (out_dir / INDEX_FILE).is_file():
+        old = load_index(out_dir)
+        if old["config"] != conf or old["split"] != split:
+            diff = sorted(k for k in set(conf) | set(old["config"]) if conf.get(k) != old["config"].get(k))
+            raise ValueError(f"{out_dir / INDEX_FILE}: written with other settings (differs in {diff or ['split']}); "
+                             f"use another folder or resume=False to start over")
+        index["samples"] = old["samples"]
+    samples = ds.samples(split)[:max_samples]
+    todo = [k for k in range(len(samples)) if str(k) not in index["samples"]
+            or not all((out_dir / im["path"]).is_file() for im in index["samples"][str(k)]["images"].values())]
+    skipped = len(samples) - len(todo)
+    model.eval()
+    backbone = model.backbone
+    tokens = SeededImageTokens(ds, backbone.tokenizer, cfg.seed)
+    ratios = cfg.ref_mask_ratios
+    keys = [ratio_key(r) for r in ratios]
+    dec_kw = {k: v for k, v in (("num_inference_steps", cfg.num_inference_steps),
+                                ("guidance_scale", cfg.guidance_scale)) if v is not None}
+    t_tok = t_dec = 0.0
+    generated = 0
+    bar = tqdm(total=len(todo), desc=f"α_r sweep ({split}, {len(ratios)} ratios)", disable=not progress)
+    for k0 in range(0, len(todo), cfg.batch_size):
+        chunk = todo[k0: k0 + cfg.batch_size]
+        t0 = time.perf_counter()
+        batch = sweep_batch(ds, [samples[k] for k in chunk], chunk, backbone, tokens, cfg.seed).to(model.device)
+        codes = sweep_tokens(model, batch, ratios, cfg.sampling, seed=cfg.seed, hist_mask_ratio=cfg.hist_mask_ratio)
+        t_tok += time.perf_counter() - t0
+        for k, per_ratio in zip(chunk, codes):
+            s = samples[k]
+            t0 = time.perf_counter()
+            g = torch.Generator().manual_seed(row_seed(cfg.seed, k))  # decoding noise: one generator per sample
+            images = _to_uint8(model.decode(per_ratio, generator=g, **dec_kw))
+            t_dec += time.perf_counter() - t0
+            entry = {"uid": s.uid, "gid": s.gid, "history": list(s.history), "target": s.target, "images": {}}
+            for key, c, img in zip(keys, per_ratio, images):
+                rel = f"{key}/{k:05d}_u{s.uid}_t{s.target}.png"
+                _save_png(img, out_dir / rel)
+                entry["images"][key] = {"path": rel, "codes": c.tolist()}
+            index["samples"][str(k)] = entry
+            _save_index(index, out_dir)
+            generated += 1
+            bar.update(1)
+            if interrupt_after is not None and generated >= interrupt_after:
+                bar.close()
+                return SweepResult(index, out_dir, generated, skipped, t_tok, t_dec)
+    bar.close()
+    _save_index(index, out_dir)
+    return SweepResult(index, out_dir, generated, skipped, t_tok, t_dec)

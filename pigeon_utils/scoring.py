@@ -1,0 +1,236 @@
+"""Scores of generated images and the choice of α_r (spec §6.1–6.2), in both worlds.
+
+Per generated image g of a sample with history images h_1…h_5 and target (= reference) t, with f(·) the
+L2-normalised CLIP embedding of the world (toy: the toy ``open_clip`` model; lavit: ``open_clip`` ViT-H-14
+``laion2b_s32b_b79k`` from a local file):
+
+* **history CIS** = (1/5) Σ_k 100 · cos(f_img(g), f_img(h_k)) — how much g looks like what the user liked;
+* **reference CS** = 100 · cos(f_img(g), f_txt(semantics[t])) — how well g keeps the target's meaning
+  (a CLIP *text* score against the target's description; not clamped at 0).
+
+As upstream, the generated image is first resized to 512×512 (bilinear) and the history images are used as they are
+(``cal_scores.py``; spec §10.26). The toy CLIP reads 64×64 images, the toy images' own size, so nothing is resized.
+
+α_r selection, two protocols, both reported:
+
+* **paper** (``select_scores.ipynb``): per test sample, the α_r whose image maximises 0.5·CS + 0.5·CIS — chosen on
+  the test images themselves (an oracle per sample; ties: the smallest α_r);
+* **honest**: one α_r for all, the one with the highest mean 0.5·CS + 0.5·CIS on the *validation* split, then
+  applied to the test split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["SELECT_WEIGHT", "GENERATED_SIZE", "history_cis", "reference_cs", "combined_score", "ClipScorer",
+           "load_clip", "SweepScores", "score_sweep", "Selection", "select_per_sample", "select_on_validation"]
+
+#: weight of the reference CS in the selection score (``select_ratio = 0.5`` upstream)
+SELECT_WEIGHT = 0.5
+#: side the generated images are resized to before CLIP, per world (None: as they are)
+GENERATED_SIZE = {"lavit": 512, "toy": None}
+
+
+# ------------------------------------------------------------------------------------------------- formulas
+def _unit(x: Tensor) -> Tensor:
+    return F.normalize(torch.as_tensor(x).float(), dim=-1)
+
+
+def history_cis(image_feats: Tensor, history_feats: Tensor) -> Tensor:
+    """History CIS [N] = mean over k of 100·cos(f(g_n), f(h_{n,k})); ``image_feats`` [N, D], ``history_feats``
+    [N, K, D] (any scale: both are L2-normalised here)."""
+    g, h = torch.as_tensor(image_feats), torch.as_tensor(history_feats)
+    if g.dim() != 2 or h.dim() != 3 or h.shape[0] != g.shape[0] or h.shape[2] != g.shape[1]:
+        raise ValueError(f"history_cis needs image_feats [N, D] and history_feats [N, K, D]; got {tuple(g.shape)} "
+                         f"and {tuple(h.shape)}")
+    return 100.0 * torch.einsum("nd,nkd->nk", _unit(g), _unit(h)).mean(1)
+
+
+def reference_cs(image_feats: Tensor, text_feats: Tensor) -> Tensor:
+    """Reference CS [N] = 100·cos(f_img(g_n), f_txt(text_n)); both [N, D]."""
+    g, t = torch.as_tensor(image_feats), torch.as_tensor(text_feats)
+    if g.dim() != 2 or g.shape != t.shape:
+        raise ValueError(f"reference_cs needs image_feats and text_feats of the same shape [N, D]; got "
+                         f"{tuple(g.shape)} and {tuple(t.shape)}")
+    return 100.0 * (_unit(g) * _unit(t)).sum(-1)
+
+
+def combined_score(cs, cis, weight: float = SELECT_WEIGHT):
+    """The selection score ``weight·CS + (1 − weight)·CIS`` (0.5 / 0.5 upstream)."""
+    if not (0.0 <= weight <= 1.0):
+        raise ValueError(f"weight must lie in [0, 1], got {weight!r}")
+    return weight * cs + (1.0 - weight) * cis
+
+
+# ------------------------------------------------------------------------------------------------- CLIP
+@dataclass
+class ClipScorer:
+    """The world's CLIP behind one interface. ``model`` has ``image_features(images) -> [N, D]`` and
+    ``text_features(texts) -> [N, D]`` (the toy CLIP, or :class:`pigeon_utils.lavit.extractors.OpenClipExtractor`);
+    ``generated_size``: side generated images are resized to first (bilinear), None = as they are."""
+
+    model: Any
+    generated_size: Optional[int]
+    name: str
+    batch_size: int = 64
+
+    def _feats(self, images: Sequence) -> Tensor:
+        out = [_unit(self.model.image_features(list(images[i:i + self.batch_size])))
+               for i in range(0, len(images), self.batch_size)]
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def image_features(self, images: Sequence) -> Tensor:
+        """Unit CLIP features of dataset images (PIL or uint8 [H, W, 3]) as they are."""
+        return self._feats(images)
+
+    def generated_features(self, images: Sequence) -> Tensor:
+        """Unit CLIP features of generated images, resized to ``generated_size`` first (spec §6.1)."""
+        if self.generated_size is not None:
+            from PIL import Image
+
+            s = int(self.generated_size)
+            images = [(im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im)))
+                      .resize((s, s), Image.BILINEAR) for im in images]
+        return self._feats(images)
+
+    def text_features(self, texts: Sequence[str]) -> Tensor:
+        out = [_unit(self.model.text_features(list(texts[i:i + self.batch_size])))
+               for i in range(0, len(texts), self.batch_size)]
+        return torch.cat(out)
+
+
+def load_clip(preset: str, checkpoint_dir: Path | str | None = None, *, text_tokenizer=None,
+              clip_path: Path | str | None = None, device="cpu") -> ClipScorer:
+    """The world's CLIP: ``toy`` → ``<checkpoint_dir>/clip`` (the toy ``open_clip`` model); ``lavit`` → open_clip
+    ViT-H-14 from the local file `clip_path` (default ``$PIGEON_EVAL_DIR/open_clip/…``; a missing file raises
+    :class:`~pigeon_utils.lavit.extractors.ExtractorWeightsError` naming the path and the download)."""
+    if preset == "toy":
+        from pigeon_utils.toy.load import load_toy_clip
+
+        if checkpoint_dir is None:
+            raise ValueError("preset='toy' needs checkpoint_dir (the toy CLIP lives in <checkpoint_dir>/clip)")
+        return ClipScorer(load_toy_clip(Path(checkpoint_dir), text_tokenizer), GENERATED_SIZE["toy"], "toy CLIP")
+    if preset == "lavit":
+        from pigeon_utils.lavit.extractors import load_open_clip
+
+        return ClipScorer(load_open_clip(clip_path, device=device), GENERATED_SIZE["lavit"],
+                          "open_clip ViT-H-14 laion2b_s32b_b79k")
+    raise ValueError(f"preset={preset!r}: expected 'toy' or 'lavit'")
+
+
+# ------------------------------------------------------------------------------------------------- sweep
+@dataclass
+class SweepScores:
+    """Scores of one sweep: ``cis`` and ``cs`` [N, R] (sample n at ``ratios[r]``); ``indices``: the samples' split
+    indices."""
+
+    split: str
+    ratios: list[float]
+    indices: list[int]
+    cis: np.ndarray
+    cs: np.ndarray
+
+    def __post_init__(self):
+        self.cis, self.cs = np.asarray(self.cis, dtype=np.float64), np.asarray(self.cs, dtype=np.float64)
+        want = (len(self.indices), len(self.ratios))
+        if self.cis.shape != want or self.cs.shape != want:
+            raise ValueError(f"cis {self.cis.shape} and cs {self.cs.shape} must both be [samples, ratios] = {want}")
+
+    def per_ratio(self) -> list[dict]:
+        """Mean history CIS / reference CS / selection score per α_r (the trade-off curve)."""
+        s = combined_score(self.cs, self.cis)
+        return [{"ref_mask_ratio": r, "history_cis": float(self.cis[:, j].mean()),
+                 "reference_cs": float(self.cs[:, j].mean()), "score": float(s[:, j].mean())}
+                for j, r in enumerate(self.ratios)]
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, "ratios": list(self.ratios), "indices": list(self.indices),
+                "cis": self.cis.tolist(), "cs": self.cs.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SweepScores":
+        return cls(d["split"], list(d["ratios"]), list(d["indices"]), np.asarray(d["cis"]), np.asarray(d["cs"]))
+
+    def save(self, path: Path | str) -> Path:
+        from pigeon_utils.sft import _atomic_json
+
+        _atomic_json(self.to_dict(), Path(path))
+        return Path(path)
+
+
+def score_sweep(index: dict, folder: Path | str, ds, clip: ClipScorer, progress: bool = False) -> SweepScores:
+    """History CIS and reference CS of every image of a sweep (:func:`pigeon_utils.inference.run_sweep`'s index and
+    folder). History features are computed once per image id; the text is the target's ``ds.semantics``."""
+    from tqdm.auto import tqdm
+
+    from pigeon_utils.inference import index_table, load_image
+
+    folder = Path(folder)
+    indices, keys = index_table(index)
+    if not indices:
+        raise ValueError(f"{folder}: the sweep index has no finished samples to score")
+    entries = [index["samples"][str(k)] for k in indices]
+    hist_iids = sorted({i for e in entries for i in e["history"]})
+    hfeat = clip.image_features([ds.load_image(i) for i in hist_iids])
+    row = {iid: j for j, iid in enumerate(hist_iids)}
+    h = torch.stack([hfeat[[row[i] for i in e["history"]]] for e in entries])  # [N, 5, D]
+    t = clip.text_features([ds.semantics[e["target"]] for e in entries])  # [N, D]
+    cis = np.zeros((len(entries), len(keys)))
+    cs = np.zeros_like(cis)
+    for j, key in enumerate(tqdm(keys, desc="scoring", disable=not progress)):
+        g = clip.generated_features([load_image(folder, e["images"][key]["path"]) for e in entries])
+        cis[:, j] = history_cis(g, h).numpy()
+        cs[:, j] = reference_cs(g, t).numpy()
+    return SweepScores(index["split"], [float(r) for r in index["config"]["ref_mask_ratios"]], indices, cis, cs)
+
+
+# ------------------------------------------------------------------------------------------------- selection
+@dataclass
+class Selection:
+    """A chosen α_r per test sample under one protocol: ``ratio_index`` [N] (column of the sweep), the chosen
+    ``ratios`` [N], and the chosen images' ``cis`` / ``cs`` [N]. ``details``: what the choice was based on."""
+
+    protocol: str
+    ratio_index: np.ndarray
+    ratios: np.ndarray
+    cis: np.ndarray
+    cs: np.ndarray
+    details: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"protocol": self.protocol, "samples": int(len(self.ratios)),
+                "history_cis": float(self.cis.mean()), "reference_cs": float(self.cs.mean()),
+                "score": float(combined_score(self.cs, self.cis).mean()),
+                "ratio_counts": {f"{r:.2f}": int(n) for r, n in zip(*np.unique(self.ratios, return_counts=True))},
+                **self.details}
+
+
+def _pick(scores: SweepScores, j: np.ndarray, protocol: str, details: dict) -> Selection:
+    n = np.arange(len(j))
+    return Selection(protocol, j, np.asarray(scores.ratios)[j], scores.cis[n, j], scores.cs[n, j], details)
+
+
+def select_per_sample(test: SweepScores, weight: float = SELECT_WEIGHT) -> Selection:
+    """The paper's protocol (spec §6.2): per sample, the α_r maximising ``weight·CS + (1 − weight)·CIS`` on the
+    test images themselves (ties: the first, i.e. smallest, α_r). An oracle: it looks at the test outputs."""
+    j = np.argmax(combined_score(test.cs, test.cis, weight), axis=1)
+    return _pick(test, j, "paper (per-sample argmax on the test images)", {"weight": weight})
+
+
+def select_on_validation(valid: SweepScores, test: SweepScores, weight: float = SELECT_WEIGHT) -> Selection:
+    """The honest protocol: the single α_r with the highest mean ``weight·CS + (1 − weight)·CIS`` over the
+    validation samples (ties: the smallest), applied to every test sample."""
+    if [round(r, 6) for r in valid.ratios] != [round(r, 6) for r in test.ratios]:
+        raise ValueError(f"validation and test sweeps use different ratios: {valid.ratios} vs {test.ratios}")
+    mean = combined_score(valid.cs, valid.cis, weight).mean(0)
+    j = int(np.argmax(mean))
+    return _pick(test, np.full(len(test.indices), j), "honest (one α_r chosen on validation)",
+                 {"weight": weight, "chosen_ratio": float(valid.ratios[j]), "validation_samples": len(valid.indices),
+                  "validation_score_per_ratio": [round(float(v), 4) for v in mean]})
