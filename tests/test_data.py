@@ -130,24 +130,25 @@ def test_missing_file_is_named(sticker_copy):
         open_dataset(sticker_copy, "sticker")
 
 
-def test_window_of_wrong_length(sticker_copy):
-    p = sticker_copy / "processed_seq" / "test.json"
+def _edit_first_window(folder: Path, split: str, edit) -> tuple[str, str]:
+    """Apply `edit` to the first window of a split file; returns its (uid, gid)."""
+    p = folder / "processed_seq" / f"{split}.json"
     obj = json.loads(p.read_text())
     uid = next(iter(obj))
     gid = next(iter(obj[uid]))
-    obj[uid][gid][0] = obj[uid][gid][0][:5]
+    obj[uid][gid][0] = edit(obj[uid][gid][0])
     p.write_text(json.dumps(obj))
+    return uid, gid
+
+
+def test_window_of_wrong_length(sticker_copy):
+    uid, gid = _edit_first_window(sticker_copy, "test", lambda w: w[:5])
     with pytest.raises(DataError, match=rf"test: uid {uid}, gid {gid}, window #0 has 5 iids .*expected 6"):
         open_dataset(sticker_copy, "sticker")
 
 
 def test_iid_without_image_path(sticker_copy):
-    p = sticker_copy / "processed_seq" / "train.json"
-    obj = json.loads(p.read_text())
-    uid = next(iter(obj))
-    gid = next(iter(obj[uid]))
-    obj[uid][gid][0][2] = 99999
-    p.write_text(json.dumps(obj))
+    _edit_first_window(sticker_copy, "train", lambda w: w[:2] + [99999] + w[3:])
     with pytest.raises(DataError, match=r"train: iid 99999 has no image path: all_image_paths has 1337 entries"):
         open_dataset(sticker_copy, "sticker")
 

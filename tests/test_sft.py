@@ -93,17 +93,24 @@ def test_loss_is_token_mean_on_target_and_end(backbone_factory):
         torch.arange(3), batch.seq.emb_position])
 
 
-def test_gradients_reach_lora_adapter_and_mask_generator(backbone_factory):
+def _model_and_batch(backbone_factory, straight_through: bool):
+    """A small PigeonModel on a fresh smoke backbone and a two-sample training batch."""
     from pigeon_utils.data import open_dataset
     from pigeon_utils.model import PigeonModel, PigeonModelConfig
     from pigeon_utils.sft import ImageTokenCache, SFTCollator, SFTDataset
 
     ds = open_dataset(DATA, "movie")
+    bb = backbone_factory()
+    model = PigeonModel(bb, PigeonModelConfig(adapter_hidden=16, mask_feedforward=32,
+                                              straight_through=straight_through))
+    sset = SFTDataset(ds, "train", bb.encode_text, bb.layout, max_samples=2)
+    batch = SFTCollator(ImageTokenCache(ds, bb.tokenizer.tokenize), bb.layout, seed=0)([sset[0], sset[1]])
+    return model, batch
+
+
+def test_gradients_reach_lora_adapter_and_mask_generator(backbone_factory):
     for st in (True, False):
-        bb = backbone_factory()
-        model = PigeonModel(bb, PigeonModelConfig(adapter_hidden=16, mask_feedforward=32, straight_through=st))
-        sset = SFTDataset(ds, "train", bb.encode_text, bb.layout, max_samples=2)
-        batch = SFTCollator(ImageTokenCache(ds, bb.tokenizer.tokenize), bb.layout, seed=0)([sset[0], sset[1]])
+        model, batch = _model_and_batch(backbone_factory, st)
         # LoRA B starts at 0, so only lora_B gets a gradient at step 0 — enough to see the path
         model(batch, 0.3).loss.backward()
         got = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -116,16 +123,8 @@ def test_gradients_reach_lora_adapter_and_mask_generator(backbone_factory):
 
 def test_reference_keep_values_carry_gradient_through_the_detokenizer(backbone_factory):
     """Straight-through: the reference mask's keep values weight the detokenizer input (spec §2.8 fix)."""
-    from pigeon_utils.data import open_dataset
-    from pigeon_utils.model import PigeonModel, PigeonModelConfig
-    from pigeon_utils.sft import ImageTokenCache, SFTCollator, SFTDataset
-
-    ds = open_dataset(DATA, "movie")
     for st in (True, False):
-        bb = backbone_factory()
-        model = PigeonModel(bb, PigeonModelConfig(adapter_hidden=16, mask_feedforward=32, straight_through=st))
-        sset = SFTDataset(ds, "train", bb.encode_text, bb.layout, max_samples=2)
-        batch = SFTCollator(ImageTokenCache(ds, bb.tokenizer.tokenize), bb.layout, seed=0)([sset[0], sset[1]])
+        model, batch = _model_and_batch(backbone_factory, st)
         keep = torch.ones(batch.masks.ids.shape, requires_grad=True)
         model.reference_embedding(batch.masks, keep).sum().backward()
         ref = batch.masks.reference_code_mask
