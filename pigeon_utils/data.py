@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from pigeon_utils.atomic import atomic_write, atomic_write_text
 from pigeon_utils.prompts import N_HISTORY, build_prompt_text, clean_title
 
 WINDOW = N_HISTORY + 1
@@ -168,10 +169,6 @@ def _is_tensor_file(name: str) -> bool:
     return stem in _FEATURE_FILES or stem.endswith("_hist_embeds") or stem.endswith("_preference_data")
 
 
-def _atomic_replace(tmp: Path, dst: Path) -> None:
-    tmp.replace(dst)
-
-
 def save_safe(data_path: Path | str, name: str, obj: Any) -> Path:
     """Write one logical file (`name` like ``train`` or ``data_ready/test_ready``) in the safe format.
 
@@ -179,7 +176,7 @@ def save_safe(data_path: Path | str, name: str, obj: Any) -> Path:
     else to ``<name>.json``. The write is atomic (temporary file, then rename).
     """
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     data_path = Path(data_path)
     if _is_tensor_file(name):
@@ -188,15 +185,11 @@ def save_safe(data_path: Path | str, name: str, obj: Any) -> Path:
             flat = {k: torch.as_tensor(np.asarray(v)).contiguous() for k, v in _flatten_tensors(obj).items()}
         else:
             flat = {"feats": torch.as_tensor(np.asarray(obj, dtype=np.float32)).contiguous()}
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".tmp")
-        save_file(flat, str(tmp))
+        data = save(flat)
+        atomic_write(dst, lambda f: f.write(data))
     else:
         dst = data_path / f"{name}.json"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".tmp")
-        tmp.write_text(json.dumps(_jsonable(obj), separators=(",", ":")), encoding="utf-8")
-    _atomic_replace(tmp, dst)
+        atomic_write_text(dst, json.dumps(_jsonable(obj), separators=(",", ":")))
     return dst
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pigeon_utils.atomic import atomic_write
 from pigeon_utils.model import PigeonBatch, PigeonModel, VisualOnlyLogitsProcessor
 from pigeon_utils.prompts import encode_prompt, segment_prompt
 from pigeon_utils.sequence import IGNORE_INDEX
@@ -313,25 +313,15 @@ def sweep_batch(ds, samples: Sequence, indices: Sequence[int], backbone, tokens:
 
 
 # ------------------------------------------------------------------------------------------------- files
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 def _save_png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    _atomic_write_bytes(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
+    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
 def _save_index(index: dict, folder: Path) -> None:
     data = json.dumps(index, indent=None, separators=(",", ":")).encode()
-    _atomic_write_bytes(folder / INDEX_FILE, lambda f: f.write(data))
+    atomic_write(folder / INDEX_FILE, lambda f: f.write(data))
 
 
 def load_index(folder: Path | str) -> dict:

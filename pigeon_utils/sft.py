@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pigeon_utils.atomic import atomic_write_text
 from pigeon_utils.config import from_dict_strict
 from pigeon_utils.model import PigeonBatch, PigeonModel, PigeonModelConfig
 from pigeon_utils.prompts import N_HISTORY, encode_prompt, segment_prompt
@@ -272,10 +273,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 # ------------------------------------------------------------------------------------------------- files
 def _atomic_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:

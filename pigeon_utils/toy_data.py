@@ -33,6 +33,8 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
+from pigeon_utils.atomic import atomic_write_text
+
 IMAGE_SIZE = 64
 TILE = 8
 
@@ -201,12 +203,6 @@ INTRO_WHO = ("a young pilot", "two old friends", "a retired detective", "a small
              "a family", "a stubborn chef", "an orphaned girl")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _split_windows(seqs: dict[int, dict[int, list[int]]], rng: np.random.Generator):
     from pigeon_utils.data import build_windows, split_windows
 
@@ -332,7 +328,7 @@ def make_poster(out: Path, seed: int = 0, n_movies: int = 256, n_users: int = 96
         "map/user_id_map": user_map,
     }
     _write_dataset(root, "poster", images, files, factors, write_upstream)
-    _atomic_write_text(root / "toy_user_tastes.json", json.dumps({str(k): v for k, v in tastes.items()}, indent=1))
+    atomic_write_text(root / "toy_user_tastes.json", json.dumps({str(k): v for k, v in tastes.items()}, indent=1))
     return root
 
 
@@ -351,7 +347,7 @@ def _write_dataset(root: Path, image_dir: str, images, files: dict, factors: lis
         save_safe(data_path, name, obj)
         if write_upstream:
             save_upstream_npy(data_path / f"{name}.npy", obj)
-    _atomic_write_text(root / "factors.json", json.dumps(factors, separators=(",", ":")))
+    atomic_write_text(root / "factors.json", json.dumps(factors, separators=(",", ":")))
 
 
 def main(argv: list[str] | None = None) -> None:

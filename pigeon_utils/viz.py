@@ -8,15 +8,12 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
+from pigeon_utils.atomic import atomic_write
+
 
 def save_figure(fig, path: Path | str, dpi: int = 110) -> Path:
     """Write `fig` as PNG through a temporary file, so an interrupted run never leaves a truncated image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, bbox_inches="tight", format="png"))
 
 
 def image_grid(images: Sequence, titles: Sequence[str] | None = None, ncols: int = 6, size: float = 1.8,

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from pigeon_utils.atomic import atomic_write, atomic_write_text
 from pigeon_utils.backbone import CheckpointError
 
 REBUILD = ("rebuild it with `python -m pigeon_utils.toy.build --out checkpoints/toy --seed 0` (about 20 min on 2 "
@@ -57,30 +57,17 @@ def load_state(module: torch.nn.Module, path: Path) -> None:
         raise CheckpointError(f"{path}: damaged checkpoint file (does not fit its config: {e}); {REBUILD}") from None
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def write_json(obj, path: Path) -> Path:
     """Write `obj` as indented JSON, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> Path:
     """Write tensors (made contiguous, on CPU) as safetensors, atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
-    return path
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def sha256(path: Path) -> str:
