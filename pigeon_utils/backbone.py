@@ -64,11 +64,12 @@ def pad_codes(codes: Sequence[Tensor], pad_value: int = 0) -> tuple[Tensor, Tens
     if len(codes) == 0:
         raise ValueError("pad_codes needs at least one code list")
     t = max(1, max(len(c) for c in codes))
-    ids = torch.full((len(codes), t), pad_value, dtype=torch.long)
-    lengths = torch.tensor([len(c) for c in codes])
-    mask = torch.arange(t)[None, :] < lengths[:, None]
-    if lengths.sum() > 0:
-        ids[mask] = torch.cat([torch.as_tensor(c, dtype=torch.long).reshape(-1) for c in codes])
+    dev = next((c.device for c in codes if isinstance(c, Tensor)), torch.device("cpu"))  # the codes' device
+    ids = torch.full((len(codes), t), pad_value, dtype=torch.long, device=dev)
+    n = [len(c) for c in codes]
+    mask = torch.arange(t, device=dev)[None, :] < torch.tensor(n, device=dev)[:, None]
+    if sum(n) > 0:
+        ids[mask] = torch.cat([torch.as_tensor(c, dtype=torch.long, device=dev).reshape(-1) for c in codes])
     return ids, mask
 
 

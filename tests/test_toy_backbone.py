@@ -47,6 +47,33 @@ def test_pad_codes_right_pads_and_masks():
     assert mask.tolist() == [[True, True, True], [True, False, False]]
 
 
+def test_pad_codes_keeps_the_codes_device():
+    ids, mask = pad_codes([torch.tensor([1, 2], device="meta"), torch.tensor([3], device="meta")])
+    assert ids.device.type == "meta" and mask.device.type == "meta" and tuple(ids.shape) == (2, 2)
+
+
+def test_visual_embeddings_start_from_what_codes_mean(smoke_dir):
+    from pigeon_utils.toy.lmm import init_visual_embeddings, make_llama
+    from pigeon_utils.toy.text import layout_for
+
+    bb = load_toy_backbone(smoke_dir)
+    table = bb.tokenizer.code_table()
+    layout = layout_for(bb.text_tokenizer, bb.tokenizer.codebook_size)
+    lmm = make_llama(layout.vocab_size, layout, hidden=32, layers=1, heads=2, intermediate=64)
+    text_before = lmm.get_input_embeddings().weight[: layout.visual_offset].clone()
+    init_visual_embeddings(lmm, layout, table, torch.Generator().manual_seed(0))
+    w = lmm.get_input_embeddings().weight.detach()
+    assert torch.equal(w[: layout.visual_offset], text_before)  # text ids untouched
+    e = w[layout.visual_offset:]
+    assert abs(e.std().item() - 0.02) < 1e-3
+    e = torch.nn.functional.normalize(e, dim=1)
+    pos = table["position"]
+    same = (pos[:, None] == pos[None]) & (pos[:, None] >= 0) & ~torch.eye(len(pos), dtype=torch.bool)
+    other = (pos[:, None] != pos[None]) & (pos[:, None] >= 0) & (pos[None] >= 0)
+    cos = e @ e.T
+    assert cos[same].mean() > cos[other].mean() + 0.1  # codes of one patch position start close
+
+
 def test_load_backbone_dispatches_on_preset(tmp_path):
     with pytest.raises(CheckpointError):  # the lavit loader, on a folder without LaVIT's files
         load_backbone("lavit", tmp_path)

@@ -40,18 +40,19 @@ import pigeon_utils  # noqa: F401  (offline defaults, torchvision guard)
 class BuildConfig:
     seed: int = 0
     smoke: bool = False  # the tiny configuration of tests (SMOKE)
-    threads: int = 1  # torch CPU threads: 1 is reproducible, and on a shared 2-core machine several times faster
+    threads: int = 2  # torch CPU threads (results are reproducible for a given count; on a machine busy with
+    # other work, 1 is much faster than 2 — pass --set threads=1)
     # data
     n_fit: int = 3000  # images the visual tokenizer is fitted on
     n_pool: int = 10000  # fresh renders (all combinations) for CLIP, VAE and decoder, plus the datasets' images
-    n_lmm_pool: int = 40000  # fresh renders of the non-held-out combinations for the LMM
+    n_lmm_pool: int = 80000  # fresh renders of the non-held-out combinations for the LMM
     n_heldout_combos: int = 64
     use_dataset_images: bool = True
     # visual tokenizer
     n_shapes: int = 64
     # toy CLIP
     clip_width: int = 16
-    clip_steps: int = 300
+    clip_steps: int = 350
     clip_batch: int = 128
     clip_lr: float = 2e-3
     # VAE, detokenizer, UNet
@@ -62,7 +63,7 @@ class BuildConfig:
     vae_lr: float = 3e-3
     detok_dim: int = 32
     unet_channels: tuple = (32, 64)
-    dec_steps: int = 1500
+    dec_steps: int = 1800
     dec_batch: int = 32
     dec_lr: float = 2e-3
     decode_steps: int = 20
@@ -71,18 +72,19 @@ class BuildConfig:
     lmm_layers: int = 4
     lmm_heads: int = 4
     lmm_intermediate: int = 384
-    lmm_steps: int = 700
+    lmm_steps: int = 2200
     lmm_batch: int = 32
     lmm_row: int = 128
     lmm_lr: float = 2e-3
-    p_caption_first: float = 0.75
+    lmm_init_from_codes: bool = True  # visual embeddings start from the code table (init_visual_embeddings)
+    p_caption_first: float = 0.9
     # figures
     n_eval: int = 512
     gen_per_combo: int = 4
     figures: bool = True
 
 
-SMOKE = dict(smoke=True, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldout_combos=4, use_dataset_images=False, n_shapes=4,
+SMOKE = dict(smoke=True, threads=1, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldout_combos=4, use_dataset_images=False, n_shapes=4,
              clip_width=8, clip_steps=2, clip_batch=8, vae_hidden=16, vae_steps=2, vae_batch=8, detok_dim=16,
              unet_channels=(16, 32), dec_steps=2, dec_batch=8, decode_steps=2, lmm_hidden=32, lmm_layers=1,
              lmm_heads=2, lmm_intermediate=64, lmm_steps=2, lmm_batch=4, lmm_row=64, n_eval=16, gen_per_combo=2)
@@ -148,7 +150,7 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     from pigeon_utils.toy.detokenizer import ToyDetokenizer, ToyDetokenizerConfig
     from pigeon_utils.toy.evaluate import fresh_images
     from pigeon_utils.toy.io import sha256, write_json
-    from pigeon_utils.toy.lmm import make_llama, pretraining_segments, train_lmm
+    from pigeon_utils.toy.lmm import init_visual_embeddings, make_llama, pretraining_segments, train_lmm
     from pigeon_utils.toy.text import build_text_tokenizer, layout_for, toy_text_corpus
     from pigeon_utils.toy.tokenizer import ToyTokenizerConfig, ToyVisualTokenizer
     from pigeon_utils.toy_data import ToyFactors
@@ -234,6 +236,8 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     cap_ids = text_tok([ToyFactors(**f).caption() for f in lmm_f], add_special_tokens=False)["input_ids"]
     segments = pretraining_segments(lmm_codes, cap_ids, layout, text_tok.eos_token_id, cfg.p_caption_first, g)
     lmm = make_llama(layout.vocab_size, layout, cfg.lmm_hidden, cfg.lmm_layers, cfg.lmm_heads, cfg.lmm_intermediate)
+    if cfg.lmm_init_from_codes:
+        init_visual_embeddings(lmm, layout, tokenizer.code_table(), g)
     lmm_stats = train_lmm(lmm, segments, cfg.lmm_steps, cfg.lmm_batch, cfg.lmm_row, cfg.lmm_lr, g, progress)
     lmm.generation_config.pad_token_id = layout.pad_id
     lmm.save_pretrained(tmp / "language_model", safe_serialization=True)

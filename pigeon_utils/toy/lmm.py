@@ -36,6 +36,32 @@ def make_llama(vocab_size: int, layout: IdLayout, hidden: int = 128, layers: int
     return LlamaForCausalLM(cfg)
 
 
+@torch.no_grad()
+def init_visual_embeddings(model, layout: IdLayout, code_table: dict[str, Tensor], gen: torch.Generator,
+                           std: float = 0.02) -> None:
+    """Start the LMM's visual-id embeddings from what each code means, instead of independent noise.
+
+    Each code's description (the tokenizer's :meth:`~pigeon_utils.toy.tokenizer.ToyVisualTokenizer.code_table`:
+    one-hot patch position, shape centroid, background tile, colour; each block centred and L2-normalised) goes
+    through one random Gaussian projection to the hidden size, scaled to `std` (the Llama initialiser's). Codes at
+    the same position or of similar shape then start close, so what the LMM learns about one carries over to its
+    neighbours (the embeddings are tied, so this also shapes the output layer). Measured on the toy build: the
+    same caption -> image accuracy in fewer steps; see README's toy-backbone section.
+    """
+    pos = code_table["position"]
+    onehot = torch.nn.functional.one_hot(pos.clamp(min=0), int(pos.max()) + 1).float() * (pos >= 0).float()[:, None]
+    blocks = [onehot, code_table["mask"].float(), code_table["tile"].float(), code_table["colour"].float()]
+    feats = []
+    for b in blocks:
+        used = b.abs().sum(1, keepdim=True) > 0
+        b = torch.where(used, b - b[used[:, 0]].mean(0, keepdim=True), b) if used.any() else b
+        feats.append(b / b.norm(dim=1, keepdim=True).clamp(min=1e-6))
+    feats = torch.cat(feats, 1)
+    emb = model.get_input_embeddings().weight
+    x = feats @ torch.randn(feats.shape[1], emb.shape[1], generator=gen)
+    emb[layout.visual_offset: layout.visual_offset + len(x)] = (x / x.std() * std).to(emb)
+
+
 class ToyVisualGrammar(LogitsProcessor):
     """A ``transformers`` logits processor: visual tokens of a toy image must be ``image token, patch tokens
     with strictly increasing positions``. Vectorised over the batch and the vocabulary.
@@ -55,16 +81,20 @@ class ToyVisualGrammar(LogitsProcessor):
         self.is_end[layout.emb_id] = True
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        last = input_ids[:, -1]
+        dev = scores.device
+        if self.pos.device != dev:  # tables follow the model's device once
+            self.pos, self.is_image_tok = self.pos.to(dev), self.is_image_tok.to(dev)
+            self.is_patch, self.is_end = self.is_patch.to(dev), self.is_end.to(dev)
+        last = input_ids[:, -1].to(dev)
         n = scores.shape[-1]
-        pos, is_image_tok, is_patch = self.pos[:n].to(scores.device), self.is_image_tok[:n], self.is_patch[:n]
+        pos, is_image_tok, is_patch = self.pos[:n], self.is_image_tok[:n], self.is_patch[:n]
         after_start = (last == self.layout.img_id)[:, None]
-        last_pos = pos.to(last.device)[last.clamp(max=n - 1)]
+        last_pos = pos[last.clamp(max=n - 1)]
         in_image = (last_pos >= -1)[:, None]  # the last token was an image or patch token
         ban = (after_start & (is_patch | self.is_end[:n])[None]) \
             | (in_image & is_image_tok[None]) \
             | (in_image & is_patch[None] & (pos[None] <= last_pos[:, None]))
-        return scores.masked_fill(ban.to(scores.device), float("-inf"))
+        return scores.masked_fill(ban, float("-inf"))
 
 
 class SuppressText(LogitsProcessor):
@@ -119,7 +149,7 @@ def train_lmm(model, segments: Sequence[Tensor], steps: int, batch: int, row_len
     for step in bar:
         if cursor + batch > len(rows):
             rows, cursor = packed_rows(segments, row_len, gen), 0
-        x = rows[cursor: cursor + batch]
+        x = rows[cursor: cursor + batch].to(model.device)
         cursor += batch
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
@@ -152,11 +182,11 @@ def generate_images_codes(model, text_tokenizer, layout: IdLayout, grammar: ToyV
         prompts = [[text_tokenizer.bos_token_id] + text_tokenizer(c, add_special_tokens=False)["input_ids"]
                    + [layout.img_id] for c in captions[i:i + batch]]
         t = max(map(len, prompts))
-        ids = torch.tensor([[layout.pad_id] * (t - len(p)) + p for p in prompts])
-        attn = (torch.arange(t)[None] >= torch.tensor([t - len(p) for p in prompts])[:, None]).long()
+        ids = torch.tensor([[layout.pad_id] * (t - len(p)) + p for p in prompts], device=model.device)
+        attn = (torch.arange(t)[None] >= torch.tensor([t - len(p) for p in prompts])[:, None]).long().to(ids.device)
         seq = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=top_k,
                              temperature=temperature, max_new_tokens=max_new_tokens, eos_token_id=layout.emb_id,
                              pad_token_id=layout.pad_id, logits_processor=procs)[:, t:]
         vis = layout.is_visual(seq)
-        out += [row[m] - layout.visual_offset for row, m in zip(seq, vis)]
+        out += [(row[m] - layout.visual_offset).cpu() for row, m in zip(seq, vis)]
     return out
