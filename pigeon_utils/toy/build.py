@@ -1,6 +1,6 @@
 """Build every toy backbone asset, deterministically from a seed: ``python -m pigeon_utils.toy.build``.
 
-    python -m pigeon_utils.toy.build --out checkpoints/toy --seed 0            # the committed build (~20 min, 2 CPUs)
+    python -m pigeon_utils.toy.build --out checkpoints/toy --seed 0            # the committed build (~29 min, 2 CPUs)
     python -m pigeon_utils.toy.build --out /tmp/toy --seed 0 --smoke          # seconds; same code path, tiny sizes
 
 Stages (each seeded from ``seed``; images are fresh renders of :mod:`pigeon_utils.toy_data`, plus the toy
@@ -84,10 +84,11 @@ class BuildConfig:
     figures: bool = True
 
 
-SMOKE = dict(smoke=True, threads=1, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldout_combos=4, use_dataset_images=False, n_shapes=4,
-             clip_width=8, clip_steps=2, clip_batch=8, vae_hidden=16, vae_steps=2, vae_batch=8, detok_dim=16,
-             unet_channels=(16, 32), dec_steps=2, dec_batch=8, decode_steps=2, lmm_hidden=32, lmm_layers=1,
-             lmm_heads=2, lmm_intermediate=64, lmm_steps=2, lmm_batch=4, lmm_row=64, n_eval=16, gen_per_combo=2)
+SMOKE = dict(smoke=True, threads=1, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldout_combos=4, use_dataset_images=False,
+             n_shapes=4, clip_width=8, clip_steps=2, clip_batch=8, vae_hidden=16, vae_steps=2, vae_batch=8,
+             detok_dim=16, unet_channels=(16, 32), dec_steps=2, dec_batch=8, decode_steps=2, lmm_hidden=32,
+             lmm_layers=1, lmm_heads=2, lmm_intermediate=64, lmm_steps=2, lmm_batch=4, lmm_row=64, n_eval=16,
+             gen_per_combo=2)
 
 
 def all_combos() -> list[tuple[str, str, str, str]]:

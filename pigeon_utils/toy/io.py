@@ -16,7 +16,7 @@ import torch
 from pigeon_utils.atomic import atomic_write, atomic_write_text
 from pigeon_utils.backbone import CheckpointError
 
-REBUILD = ("rebuild it with `python -m pigeon_utils.toy.build --out checkpoints/toy --seed 0` (about 20 min on 2 "
+REBUILD = ("rebuild it with `python -m pigeon_utils.toy.build --out checkpoints/toy --seed 0` (about 30 min on 2 "
            "CPU cores), or restore the committed copy with `git checkout -- checkpoints/toy`")
 
 

@@ -45,8 +45,9 @@ def init_visual_embeddings(model, layout: IdLayout, code_table: dict[str, Tensor
     one-hot patch position, shape centroid, background tile, colour; each block centred and L2-normalised) goes
     through one random Gaussian projection to the hidden size, scaled to `std` (the Llama initialiser's). Codes at
     the same position or of similar shape then start close, so what the LMM learns about one carries over to its
-    neighbours (the embeddings are tied, so this also shapes the output layer). Measured on the toy build: the
-    same caption -> image accuracy in fewer steps; see README's toy-backbone section.
+    neighbours (the embeddings are tied, so this also shapes the output layer). Measured with 2,000 LMM steps:
+    caption -> image accuracy within noise of the plain initialisation (README's toy-backbone section); kept
+    because it costs nothing.
     """
     pos = code_table["position"]
     onehot = torch.nn.functional.one_hot(pos.clamp(min=0), int(pos.max()) + 1).float() * (pos >= 0).float()[:, None]
