@@ -104,6 +104,22 @@ class ToyFactors:
         return f"a {self.stroke} {self.colour} {self.glyph} on a {self.pattern} background"
 
 
+def sticker_semantics(emotion: str) -> str:
+    """The toy sticker's target-semantics text (``sticker_semantics``): its glyph and emotion, no style."""
+    return f"a sticker of a {EMOTION_GLYPH[emotion]}, showing {emotion.lower()}"
+
+
+def poster_semantics(genre: str) -> str:
+    """The toy poster's target-semantics text (``movie_semantics``): its genre and glyph, no style."""
+    return f"a poster of a {genre.lower()} movie showing a {GENRE_GLYPH[genre]}"
+
+
+def semantics_texts(glyph: str) -> list[str]:
+    """Every toy semantics text an image with `glyph` can have (sticker and poster forms)."""
+    return ([sticker_semantics(e) for e, g in EMOTION_GLYPH.items() if g == glyph]
+            + [poster_semantics(n) for n, g in GENRE_GLYPH.items() if g == glyph])
+
+
 # ----------------------------------------------------------------------------------------------- drawing
 def _background_tile(pattern: str) -> np.ndarray:
     t = np.empty((TILE, TILE), dtype=np.uint8)
@@ -241,7 +257,7 @@ def make_sticker(out: Path, seed: int = 0, n_themes: int = 48, stickers_per_them
             file_map[rel] = iid
             factors.append(asdict(f))
             anno[iid] = {"emo": emo, "text": ""}
-            semantics.append(f"a sticker of a {f.glyph}, showing {emo.lower()}")
+            semantics.append(sticker_semantics(emo))
             images.append((rel, f))
             iids.append(iid)
         user_dict[gid] = {gid: [int(i) for i in rng.permutation(iids)]}
@@ -291,7 +307,7 @@ def make_poster(out: Path, seed: int = 0, n_movies: int = 256, n_users: int = 96
         paths.append(rel)
         id_map[str(mid)] = iid
         factors.append(asdict(f))
-        semantics.append(f"a poster of a {g.lower()} movie showing a {f.glyph}")
+        semantics.append(poster_semantics(g))
         images.append((rel, f))
         m_genre.append(genres.index(g))
         m_style.append((colours.index(f.colour), PATTERNS.index(f.pattern), STROKES.index(f.stroke)))

@@ -8,9 +8,11 @@ datasets' images where ``--data`` has them):
 
 1. visual tokenizer: fit background tiles, colours and per-position shape centroids;
 2. text tokenizer: word-level over the toy vocabulary (captions, prompt templates, dataset texts);
-3. toy CLIP: contrastive training on images and captions;
+3. toy CLIP: contrastive training on images and captions, and on a quarter of the images again with their
+   semantics texts (the datasets' ``*_semantics`` forms, which reference CS compares generated images with);
 4. patch autoencoder (the toy "VAE"), then detokenizer + UNet trained together on the diffusion loss;
-5. LMM: Llama pre-training on packed caption<->image sequences; ``n_heldout_combos`` of the 512 factor
+5. LMM: Llama pre-training on packed caption<->image sequences and style documents (images sharing a style,
+   the last one captioned with its glyph only: in-context style); ``n_heldout_combos`` of the 512 factor
    combinations never appear in it (they are the generation test);
 6. figures (CLIP accuracy, round trip, caption -> image on held-out combinations), recorded in ``manifest.json``
    with the recipe, the library versions and each file's sha256.
@@ -46,6 +48,11 @@ class BuildConfig:
     n_fit: int = 3000  # images the visual tokenizer is fitted on
     n_pool: int = 10000  # fresh renders (all combinations) for CLIP, VAE and decoder, plus the datasets' images
     n_lmm_pool: int = 80000  # fresh renders of the non-held-out combinations for the LMM
+    # style documents for the LMM (lmm.document_segments; 0 = none, the committed checkpoint). See IN_CONTEXT.
+    n_lmm_docs: int = 0
+    lmm_doc_images: tuple = (3, 7)  # images per style document: [low, high)
+    lmm_doc_keep: float = 0.8  # probability that an image keeps each of its document's style factors
+    lmm_doc_caption: float = 0.5  # probability that a document's context image carries its full caption
     n_heldout_combos: int = 64
     use_dataset_images: bool = True
     # visual tokenizer
@@ -55,6 +62,7 @@ class BuildConfig:
     clip_steps: int = 350
     clip_batch: int = 128
     clip_lr: float = 2e-3
+    clip_semantics: float = 0.0  # fraction of pool images added again with a semantics text (what CS compares with)
     # VAE, detokenizer, UNet
     latent_channels: int = 16
     vae_hidden: int = 128
@@ -87,8 +95,15 @@ class BuildConfig:
 SMOKE = dict(smoke=True, threads=1, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldout_combos=4, use_dataset_images=False,
              n_shapes=4, clip_width=8, clip_steps=2, clip_batch=8, vae_hidden=16, vae_steps=2, vae_batch=8,
              detok_dim=16, unet_channels=(16, 32), dec_steps=2, dec_batch=8, decode_steps=2, lmm_hidden=32,
-             lmm_layers=1, lmm_heads=2, lmm_intermediate=64, lmm_steps=2, lmm_batch=4, lmm_row=64, n_eval=16,
-             gen_per_combo=2)
+             lmm_layers=1, lmm_heads=2, lmm_intermediate=64, lmm_steps=2, lmm_batch=4, lmm_row=64, n_lmm_docs=8,
+             clip_semantics=0.25, n_eval=16, gen_per_combo=2)
+
+# The in-context recipe probed on a lent GPU (README, notebook-06 section): style documents in the LMM's
+# pre-training and semantics texts in the toy CLIP's. Not the committed checkpoint's recipe yet: with these
+# sizes the LMM reads style from its visual context but caption -> image falls below its 85 % bar, and more
+# steps do not fit the 30-minute CPU budget. `--in-context` builds with it.
+IN_CONTEXT = dict(n_lmm_pool=56000, n_lmm_docs=10000, lmm_doc_caption=0.5, lmm_row=256, lmm_batch=16, lmm_steps=2100,
+                  clip_semantics=0.25, clip_steps=320, dec_steps=1700)
 
 
 def all_combos() -> list[tuple[str, str, str, str]]:
@@ -105,6 +120,63 @@ def heldout_combos(cfg: BuildConfig) -> list[tuple[str, str, str, str]]:
 
 def _shuffled(combos, seed):
     return [combos[i] for i in np.random.default_rng(seed).permutation(len(combos))]
+
+
+def style_documents(combos, n_docs: int, n_images: tuple[int, int], keep: float, seed: int):
+    """`n_docs` style documents: each draws a style (colour, pattern, stroke) and ``n_images[0] ≤ k < n_images[1]``
+    images; every image keeps each style factor of its document with probability `keep` (else a random value) and
+    has a random glyph, redrawn until its combination is one of `combos` (held-out combinations never appear).
+    Returns ``(uint8 images [N, 64, 64, 3], their factors, images per document)``."""
+    from pigeon_utils.toy_data import COLOURS, GLYPHS, PATTERNS, STROKES, random_factors, render
+
+    allowed = set(combos)
+    rng = np.random.default_rng(seed)
+    pick = lambda values: values[int(rng.integers(len(values)))]  # noqa: E731
+    colours = list(COLOURS)
+    fs, sizes = [], []
+    for _ in range(n_docs):  # one per document (data generation, not a hot path)
+        style = (pick(colours), pick(PATTERNS), pick(STROKES))
+        k = int(rng.integers(n_images[0], n_images[1]))
+        for _ in range(k):
+            c, p, s = (v if rng.random() < keep else pick(pool)
+                       for v, pool in zip(style, (colours, PATTERNS, STROKES)))
+            glyphs = [g for g in GLYPHS if (g, c, p, s) in allowed]
+            if not glyphs:  # every glyph of this style is held out: keep the document's style instead
+                c, p, s = style
+                glyphs = [g for g in GLYPHS if (g, c, p, s) in allowed] or list(GLYPHS)
+            fs.append(random_factors(rng, pick(glyphs), c, p, s))
+        sizes.append(k)
+    ims = np.stack([np.asarray(render(f)) for f in fs]) if fs else np.zeros((0, 64, 64, 3), np.uint8)
+    return ims, fs, sizes
+
+
+def document_captions(factors, sizes: list[int], text_tok, p_caption: float, gen: torch.Generator):
+    """Caption ids per document image: context images their full caption with probability `p_caption` (else
+    None), the last image ``"a <glyph>"`` only — its style must come from the images before it."""
+    if not factors:
+        return []
+    full = text_tok([f.caption() for f in factors], add_special_tokens=False)["input_ids"]
+    short = text_tok([f"a {f.glyph}" for f in factors], add_special_tokens=False)["input_ids"]
+    has = (torch.rand(len(factors), generator=gen) < p_caption).tolist()
+    out, start = [], 0
+    for k in sizes:  # one per document
+        out.append([full[i] if has[i] else None for i in range(start, start + k - 1)] + [short[start + k - 1]])
+        start += k
+    return out
+
+
+def semantics_pairs(factors: list[dict], fraction: float, seed: int) -> tuple[np.ndarray, list[str]]:
+    """A random `fraction` of the pool's images (indices) with one of the toy semantics texts of their glyph, so
+    the toy CLIP also knows the texts reference CS compares generated images with."""
+    from pigeon_utils.toy_data import semantics_texts
+
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(factors), size=int(round(fraction * len(factors))), replace=False))
+    texts = []
+    for i in idx.tolist():  # one per chosen image
+        options = semantics_texts(factors[i]["glyph"])
+        texts.append(options[int(rng.integers(len(options)))])
+    return idx, texts
 
 
 def _dataset_images(data_dir: Path | None):
@@ -151,7 +223,8 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     from pigeon_utils.toy.detokenizer import ToyDetokenizer, ToyDetokenizerConfig
     from pigeon_utils.toy.evaluate import fresh_images
     from pigeon_utils.toy.io import sha256, write_json
-    from pigeon_utils.toy.lmm import init_visual_embeddings, make_llama, pretraining_segments, train_lmm
+    from pigeon_utils.toy.lmm import (document_segments, init_visual_embeddings, make_llama, pretraining_segments,
+                                      train_lmm)
     from pigeon_utils.toy.text import build_text_tokenizer, layout_for, toy_text_corpus
     from pigeon_utils.toy.tokenizer import ToyTokenizerConfig, ToyVisualTokenizer
     from pigeon_utils.toy_data import ToyFactors
@@ -183,6 +256,8 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
         if ims:
             pool_ims, pool_f = np.concatenate([pool_ims, np.stack(ims)]), pool_f + fs
     lmm_ims, lmm_f = fresh_images(_shuffled(train_combos, cfg.seed + 3), cfg.n_lmm_pool, cfg.seed + 3)
+    doc_ims, doc_f, doc_sizes = style_documents(train_combos, cfg.n_lmm_docs, tuple(cfg.lmm_doc_images),
+                                                cfg.lmm_doc_keep, cfg.seed + 8)
     t = stage("render", t)
 
     # ---- 1. visual tokenizer
@@ -202,8 +277,9 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     toy_clip.write_clip_config(tmp / "clip", clip_cfg)
     clip = toy_clip.ToyClip(toy_clip.create_clip(tmp / "clip"), text_tok)
     pool_caps = [ToyFactors(**f).caption() for f in pool_f]
-    clip_loss = toy_clip.train_clip(clip, torch.from_numpy(pool_ims), pool_caps, cfg.clip_steps, cfg.clip_batch,
-                                    cfg.clip_lr, g, progress)
+    sem_idx, sem_texts = semantics_pairs(pool_f, cfg.clip_semantics, cfg.seed + 9)
+    clip_loss = toy_clip.train_clip(clip, torch.from_numpy(np.concatenate([pool_ims, pool_ims[sem_idx]])),
+                                    pool_caps + sem_texts, cfg.clip_steps, cfg.clip_batch, cfg.clip_lr, g, progress)
     clip.save_pretrained(tmp / "clip", clip_cfg)
     t = stage("toy CLIP", t)
 
@@ -236,6 +312,11 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     lmm_codes = tokenizer.tokenize(lmm_ims).codes
     cap_ids = text_tok([ToyFactors(**f).caption() for f in lmm_f], add_special_tokens=False)["input_ids"]
     segments = pretraining_segments(lmm_codes, cap_ids, layout, text_tok.eos_token_id, cfg.p_caption_first, g)
+    doc_codes = tokenizer.tokenize(doc_ims).codes if len(doc_ims) else []
+    ends = np.cumsum(doc_sizes).tolist()
+    docs = [doc_codes[e - k: e] for e, k in zip(ends, doc_sizes)]
+    segments += document_segments(docs, document_captions(doc_f, doc_sizes, text_tok, cfg.lmm_doc_caption, g),
+                                  layout)
     lmm = make_llama(layout.vocab_size, layout, cfg.lmm_hidden, cfg.lmm_layers, cfg.lmm_heads, cfg.lmm_intermediate)
     if cfg.lmm_init_from_codes:
         init_visual_embeddings(lmm, layout, tokenizer.code_table(), g)
@@ -247,12 +328,15 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     # ---- manifest (hashes), then figures from the files just written
     manifest = {
         "seed": cfg.seed, "recipe": asdict(cfg), "command": f"python -m pigeon_utils.toy.build --out {out} "
-        f"--seed {cfg.seed}" + (" --smoke" if cfg.smoke else ""),
+        f"--seed {cfg.seed}" + (" --smoke" if cfg.smoke else "")
+        + (" --in-context" if cfg.n_lmm_docs and not cfg.smoke else ""),
         "versions": {"torch": torch.__version__, "transformers": tf_version, "diffusers": _version("diffusers"),
                      "open_clip": _version("open_clip_torch"), "tokenizers": _version("tokenizers")},
         "layout": asdict(layout), "heldout_combos": [list(c) for c in held],
         "train_stats": {"clip_loss": clip_loss, "vae_mse": vae_mse, "decoder_loss": dec_loss, "lmm": lmm_stats,
-                        "n_pool_images": len(pool_ims), "n_lmm_images": len(lmm_ims)},
+                        "n_pool_images": len(pool_ims), "n_lmm_images": len(lmm_ims),
+                        "n_lmm_documents": len(doc_sizes), "n_document_images": len(doc_ims),
+                        "n_clip_semantics_pairs": len(sem_idx)},
         "params": {"clip": _n_params(clip.model), "vae": _n_params(vae), "detokenizer": _n_params(detok),
                    "unet": _n_params(unet), "lmm": _n_params(lmm)},
     }
@@ -312,9 +396,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", type=Path, default=Path("dataset"), help="folder holding toy-sticker / toy-poster")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and step counts (seconds), same code path")
     ap.add_argument("--no-figures", action="store_true", help="skip the evaluation figures")
+    ap.add_argument("--in-context", action="store_true",
+                    help="the in-context recipe (IN_CONTEXT: style documents for the LMM, semantics texts for CLIP)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override BuildConfig fields")
     a = ap.parse_args(argv)
     cfg = BuildConfig(seed=a.seed)
+    if a.in_context:
+        cfg = replace(cfg, **IN_CONTEXT)
     if a.smoke:
         cfg = replace(cfg, **SMOKE)
     types = {f.name: f.type for f in fields(BuildConfig)}

@@ -1,10 +1,13 @@
 """The toy LMM: a small ``transformers.LlamaForCausalLM`` with LaVIT's id layout, pre-trained on toy multimodal
 sequences, and the logits processor that keeps its generated visual tokens well-formed.
 
-Pre-training data (:func:`pretraining_segments`): for each toy image, either
+Pre-training data: for each toy image (:func:`pretraining_segments`), either
 
 * caption -> image:  ``caption [IMG] v_1 … v_n [/IMG]``  (text-to-image, what Pigeon's generation builds on), or
 * image -> caption:  ``[IMG] v_1 … v_n [/IMG] caption </s>``  (understanding),
+
+plus *style documents* (:func:`document_segments`): a few images sharing most of their style, some captioned in
+full, the last one with its glyph only (in-context style, what Pigeon's history relies on),
 
 with ``v = visual_offset + code``. Segments are shuffled and packed back to back into fixed-length rows, so a row
 holds several images (as Pigeon's prompts do) and the loss is next-token cross-entropy everywhere.
@@ -120,6 +123,28 @@ def pretraining_segments(codes: Sequence[Tensor], caption_ids: Sequence[Sequence
         w = torch.as_tensor(w, dtype=torch.long)
         v = torch.cat([img, c + layout.visual_offset, end])
         out.append(torch.cat([w, v]) if f else torch.cat([v, w, torch.tensor([eos_id])]))
+    return out
+
+
+def document_segments(doc_codes: Sequence[Sequence[Tensor]], doc_captions: Sequence[Sequence[Sequence[int] | None]],
+                      layout: IdLayout) -> list[Tensor]:
+    """One segment per *style document* — a few images that share most of their style, like the image sets of
+    LaVIT's interleaved pre-training data. Each image is ``[caption] [IMG] v … [/IMG]``, its caption ids taken from
+    `doc_captions` (None: no caption). The build captions some context images in full and the last image with its
+    glyph only, so the last image's style is in no text, only in the images before it: the LMM learns to read
+    style from its visual context — what Pigeon's history needs.
+    """
+    img, end = torch.tensor([layout.img_id]), torch.tensor([layout.emb_id])
+    out = []
+    for codes, caps in zip(doc_codes, doc_captions):  # one per document
+        if len(codes) != len(caps):
+            raise ValueError(f"document_segments: {len(codes)} images but {len(caps)} captions in one document")
+        parts = []
+        for c, w in zip(codes, caps):
+            if w is not None:
+                parts.append(torch.as_tensor(w, dtype=torch.long))
+            parts.append(torch.cat([img, c + layout.visual_offset, end]))
+        out.append(torch.cat(parts))
     return out
 
 

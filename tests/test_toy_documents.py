@@ -1,0 +1,76 @@
+"""Style documents for the toy LMM (in-context style) and the semantics texts the toy CLIP can learn."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pigeon_utils.prompts import IdLayout
+from pigeon_utils.toy.build import IN_CONTEXT, BuildConfig, all_combos, document_captions, heldout_combos, \
+    semantics_pairs, style_documents
+from pigeon_utils.toy.lmm import document_segments
+from pigeon_utils.toy_data import EMOTION_GLYPH, GENRE_GLYPH, GLYPHS, ToyFactors, poster_semantics, \
+    semantics_texts, sticker_semantics
+
+LAYOUT = IdLayout(img_id=50, emb_id=51, visual_offset=52, codebook_size=100, pad_id=2)
+
+
+def test_document_segment_layout():
+    codes = [torch.tensor([0, 5]), torch.tensor([1]), torch.tensor([3, 4, 7])]
+    caps = [[10, 11], None, [12]]
+    (seg,) = document_segments([codes], [caps], LAYOUT)
+    img, end, v = LAYOUT.img_id, LAYOUT.emb_id, LAYOUT.visual_offset
+    assert seg.tolist() == [10, 11, img, v + 0, v + 5, end, img, v + 1, end, 12, img, v + 3, v + 4, v + 7, end]
+
+
+def test_document_segments_refuse_a_caption_count_mismatch():
+    with pytest.raises(ValueError, match="3 images but 2 captions"):
+        document_segments([[torch.tensor([0])] * 3], [[None, [1]]], LAYOUT)
+
+
+def test_style_documents_share_style_and_never_use_held_out_combos():
+    cfg = BuildConfig()
+    held = set(heldout_combos(cfg))
+    train = [c for c in all_combos() if c not in held]
+    ims, fs, sizes = style_documents(train, 40, (3, 7), keep=1.0, seed=3)
+    assert len(ims) == len(fs) == sum(sizes) and all(3 <= k < 7 for k in sizes)
+    assert ims.shape[1:] == (64, 64, 3)
+    assert not any((f.glyph, f.colour, f.pattern, f.stroke) in held for f in fs)
+    start = 0
+    for k in sizes:  # keep = 1: every image of a document has the document's style
+        assert len({f.style for f in fs[start:start + k]}) == 1
+        start += k
+    _, fs0, _ = style_documents(train, 40, (3, 7), keep=0.0, seed=3)
+    assert len({f.style for f in fs0}) > 10  # keep = 0: styles drawn afresh
+
+
+def test_document_captions_hide_the_last_images_style():
+    from pigeon_utils.toy.text import build_text_tokenizer, toy_text_corpus
+
+    tok = build_text_tokenizer(toy_text_corpus(None))
+    fs = [ToyFactors("star", "red", "dots", "filled"), ToyFactors("heart", "red", "dots", "filled"),
+          ToyFactors("moon", "red", "dots", "outline")]
+    g = torch.Generator().manual_seed(0)
+    (caps,) = document_captions(fs, [3], tok, p_caption=1.0, gen=g)
+    assert tok.decode(caps[0]) == fs[0].caption() and tok.decode(caps[2]) == "a moon"
+    (caps,) = document_captions(fs, [3], tok, p_caption=0.0, gen=g)
+    assert caps[:2] == [None, None] and tok.decode(caps[2]) == "a moon"
+    assert document_captions([], [], tok, 0.5, g) == []
+
+
+def test_semantics_texts_are_the_datasets_forms():
+    assert sticker_semantics("Happiness") == "a sticker of a heart, showing happiness"
+    assert poster_semantics("Drama") == "a poster of a drama movie showing a circle"
+    for glyph in GLYPHS:
+        expect = {sticker_semantics(e) for e, g in EMOTION_GLYPH.items() if g == glyph} \
+            | {poster_semantics(n) for n, g in GENRE_GLYPH.items() if g == glyph}
+        assert set(semantics_texts(glyph)) == expect and expect
+    factors = [{"glyph": g} for g in GLYPHS] * 10
+    idx, texts = semantics_pairs(factors, 0.25, seed=1)
+    assert len(idx) == len(texts) == 20 and len(set(idx.tolist())) == 20
+    assert all(t in semantics_texts(factors[i]["glyph"]) for i, t in zip(idx.tolist(), texts))
+
+
+def test_in_context_recipe_names_build_fields():
+    fields = set(BuildConfig.__dataclass_fields__)
+    assert set(IN_CONTEXT) <= fields and IN_CONTEXT["n_lmm_docs"] > 0
+    assert BuildConfig().n_lmm_docs == 0 and BuildConfig().clip_semantics == 0.0  # the committed checkpoint's recipe
