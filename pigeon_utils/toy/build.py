@@ -8,12 +8,13 @@ datasets' images where ``--data`` has them):
 
 1. visual tokenizer: fit background tiles, colours and per-position shape centroids;
 2. text tokenizer: word-level over the toy vocabulary (captions, prompt templates, dataset texts);
-3. toy CLIP: contrastive training on images and captions, and on a quarter of the images again with their
-   semantics texts (the datasets' ``*_semantics`` forms, which reference CS compares generated images with);
+3. toy CLIP: contrastive training on images and captions; with ``clip_semantics`` > 0 (``--in-context``) also
+   on that fraction of the images again with their semantics texts (the datasets' ``*_semantics`` forms, which
+   reference CS compares generated images with);
 4. patch autoencoder (the toy "VAE"), then detokenizer + UNet trained together on the diffusion loss;
-5. LMM: Llama pre-training on packed caption<->image sequences and style documents (images sharing a style,
-   the last one captioned with its glyph only: in-context style); ``n_heldout_combos`` of the 512 factor
-   combinations never appear in it (they are the generation test);
+5. LMM: Llama pre-training on packed caption<->image sequences, with ``n_lmm_docs`` > 0 (``--in-context``) also
+   on style documents (images sharing a style, the last one captioned with its glyph only: in-context style);
+   ``n_heldout_combos`` of the 512 factor combinations never appear in it (they are the generation test);
 6. figures (CLIP accuracy, round trip, caption -> image on held-out combinations), recorded in ``manifest.json``
    with the recipe, the library versions and each file's sha256.
 
@@ -125,7 +126,7 @@ def _shuffled(combos, seed):
 def style_documents(combos, n_docs: int, n_images: tuple[int, int], keep: float, seed: int):
     """`n_docs` style documents: each draws a style (colour, pattern, stroke) and ``n_images[0] ≤ k < n_images[1]``
     images; every image keeps each style factor of its document with probability `keep` (else a random value) and
-    has a random glyph, redrawn until its combination is one of `combos` (held-out combinations never appear).
+    a random glyph among those whose combination is in `combos` (held-out combinations never appear).
     Returns ``(uint8 images [N, 64, 64, 3], their factors, images per document)``."""
     from pigeon_utils.toy_data import COLOURS, GLYPHS, PATTERNS, STROKES, random_factors, render
 
@@ -328,8 +329,7 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     # ---- manifest (hashes), then figures from the files just written
     manifest = {
         "seed": cfg.seed, "recipe": asdict(cfg), "command": f"python -m pigeon_utils.toy.build --out {out} "
-        f"--seed {cfg.seed}" + (" --smoke" if cfg.smoke else "")
-        + (" --in-context" if cfg.n_lmm_docs and not cfg.smoke else ""),
+        f"--seed {cfg.seed}" + (" --smoke" if cfg.smoke else ""),
         "versions": {"torch": torch.__version__, "transformers": tf_version, "diffusers": _version("diffusers"),
                      "open_clip": _version("open_clip_torch"), "tokenizers": _version("tokenizers")},
         "layout": asdict(layout), "heldout_combos": [list(c) for c in held],
