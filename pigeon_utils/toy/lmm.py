@@ -113,15 +113,19 @@ class SuppressText(LogitsProcessor):
         return scores
 
 
+def image_span(codes: Tensor, layout: IdLayout) -> Tensor:
+    """One image's ids: ``[IMG] v_1 … v_n [/IMG]`` with ``v = visual_offset + code``."""
+    return torch.cat([torch.tensor([layout.img_id]), codes + layout.visual_offset, torch.tensor([layout.emb_id])])
+
+
 def pretraining_segments(codes: Sequence[Tensor], caption_ids: Sequence[Sequence[int]], layout: IdLayout,
                          eos_id: int, p_caption_first: float, gen: torch.Generator) -> list[Tensor]:
     """One id segment per image: caption -> image with probability `p_caption_first`, else image -> caption."""
     first = torch.rand(len(codes), generator=gen) < p_caption_first
-    img, end = torch.tensor([layout.img_id]), torch.tensor([layout.emb_id])
     out = []
     for c, w, f in zip(codes, caption_ids, first.tolist()):  # one per image
         w = torch.as_tensor(w, dtype=torch.long)
-        v = torch.cat([img, c + layout.visual_offset, end])
+        v = image_span(c, layout)
         out.append(torch.cat([w, v]) if f else torch.cat([v, w, torch.tensor([eos_id])]))
     return out
 
@@ -134,7 +138,6 @@ def document_segments(doc_codes: Sequence[Sequence[Tensor]], doc_captions: Seque
     glyph only, so the last image's style is in no text, only in the images before it: the LMM learns to read
     style from its visual context — what Pigeon's history needs.
     """
-    img, end = torch.tensor([layout.img_id]), torch.tensor([layout.emb_id])
     out = []
     for codes, caps in zip(doc_codes, doc_captions):  # one per document
         if len(codes) != len(caps):
@@ -143,7 +146,7 @@ def document_segments(doc_codes: Sequence[Sequence[Tensor]], doc_captions: Seque
         for c, w in zip(codes, caps):
             if w is not None:
                 parts.append(torch.as_tensor(w, dtype=torch.long))
-            parts.append(torch.cat([img, c + layout.visual_offset, end]))
+            parts.append(image_span(c, layout))
         out.append(torch.cat(parts))
     return out
 
