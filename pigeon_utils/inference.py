@@ -12,17 +12,24 @@ The paper runs one full inference process per α_r ∈ {0.0, 0.1, …, 1.0} (spe
 2. :func:`prefill` runs the LMM once over the shared prefix (everything before the ``<emb>`` slot) with the KV cache,
    repeats the cache over the ratios (rows ordered sample-major: row ``b·R + r``), then runs the short suffix
    (``E``, ``Response:``, ``[IMG]``) for all ``B × R`` rows;
-3. :func:`sweep_tokens` samples the visual tokens (spec §5.2: top-k 50, top-p 1, temperature 1, only visual ids and
-   ``[/IMG]`` allowed, ``min_new_tokens`` / ``max_new_tokens``, ``[/IMG]`` ends an image) with our own loop over the
-   cache. Each row draws its random numbers from its own generator, seeded by ``(seed, sample index, α_r)``, so a
-   sample's image at a given α_r does not depend on the batch it is generated in (resume gives the same images);
+3. :func:`sweep_tokens` generates the visual tokens (spec §5.2: beam-sample with 4 beams, top-k 50, top-p 1,
+   temperature 1, only visual ids and ``[/IMG]`` allowed, ``min_new_tokens`` / ``max_new_tokens``, ``[/IMG]`` ends an
+   image) with our own loop over the cache; ``num_beams=1`` is plain sampling. Each (sample, α_r) draws its random
+   numbers from its own generator, seeded by ``(seed, sample index, α_r)``, so a sample's image at a given α_r does
+   not depend on the batch it is generated in (resume gives the same images);
 4. :func:`run_sweep` decodes the tokens (detokenizer → pixel decoder: DDIM, guidance 7 with zero negative
    conditioning, 25 steps for LaVIT; the toy decoder's own defaults) in one batch per sample, writes
    ``<out_dir>/<α_r>/<index>_u<uid>_t<target>.png`` and records every finished image in ``<out_dir>/index.json``.
    Every file is written under a temporary name and renamed, the index is rewritten after each sample, and a re-run
    skips samples already in the index — an interrupted sweep resumes where it stopped.
 
-Deviation from upstream: plain sampling (upstream calls HF ``generate`` with ``num_beams=4``, i.e. beam-sample).
+Beam-sample follows transformers 4.33.2's ``beam_sample`` (what the reference ran): every step adds each beam's
+processed log-probabilities to its running score, applies temperature and top-k (at least 2 kept) to these running
+scores, draws ``2·num_beams`` candidates without replacement from their softmax over all beams × vocabulary, sorts
+them by score; an ``[/IMG]`` among the first ``num_beams`` candidates closes a hypothesis (score / length, the
+length counting the leading ``[IMG]``), the first ``num_beams`` other candidates continue. A sample stops when it
+holds ``num_beams`` hypotheses none of its beams can beat, or at ``max_new_tokens`` (open beams then join the
+hypotheses); the best hypothesis is the image (deviations I1, I2 in ``docs/deviations.md``).
 """
 from __future__ import annotations
 
@@ -57,9 +64,10 @@ INDEX_VERSION = 1
 # ------------------------------------------------------------------------------------------------- config
 @dataclass
 class SamplingConfig:
-    """Visual-token sampling (spec §5.2). Paper: top-k 50, top-p 1.0, temperature 1.0, 20…300 new tokens.
+    """Visual-token generation (spec §5.2). Paper: beam-sample with 4 beams (``num_beams=1``: plain sampling),
+    top-k 50, top-p 1.0, temperature 1.0, length penalty 1, 20…300 new tokens.
 
-    ``for_preset("toy")`` keeps the sampling settings and shortens the lengths (toy images have 5–25 tokens).
+    ``for_preset("toy")`` keeps the decoding settings and shortens the lengths (toy images have 5–25 tokens).
     """
 
     top_k: int = 50
@@ -67,8 +75,14 @@ class SamplingConfig:
     temperature: float = 1.0
     min_new_tokens: int = 20
     max_new_tokens: int = 300
+    num_beams: int = 4
+    length_penalty: float = 1.0
 
     def __post_init__(self):
+        if int(self.num_beams) != self.num_beams or self.num_beams < 1:
+            raise ValueError(f"num_beams must be a positive integer (1 = plain sampling), got {self.num_beams!r}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
         if int(self.top_k) != self.top_k or self.top_k < 0:
             raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
         if not (0.0 < self.top_p <= 1.0):
@@ -201,15 +215,19 @@ def prefill(model: PigeonModel, batch: PigeonBatch, ref_mask_ratios: Sequence[fl
     return lm.lm_head(h).float(), cache, am, pos[:, -1] + 1
 
 
-def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Top-k, then top-p (nucleus) filtering of [N, V] logits (−inf outside)."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, int(top_k), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+def _filter_logits(logits: Tensor, top_k: int, top_p: float, min_keep: int = 1) -> Tensor:
+    """Top-k, then top-p (nucleus) filtering of [N, V] logits (−inf outside); each keeps at least `min_keep` ids
+    (transformers keeps 2 when beams are on)."""
+    if top_k:
+        k = max(int(top_k), min_keep)
+        if k < logits.shape[-1]:
+            kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         srt, idx = torch.sort(logits, dim=-1, descending=True)
         p = torch.softmax(srt, dim=-1)
         drop_sorted = p.cumsum(-1) - p >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop_sorted[:, :min_keep] = False
         drop = torch.zeros_like(drop_sorted).scatter(1, idx, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -222,16 +240,71 @@ def _sample(probs: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(cdf, v, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
+def _draw_without_replacement(probs: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """``u.shape[1]`` ids per row of `probs` [G, N], drawn without replacement by successive inverse-CDF draws with
+    the uniforms `u` [G, m] (the distribution of ``torch.multinomial(probs, m, replacement=False)``). Returns
+    ``(ids [G, m], valid [G, m])``; a draw is invalid when its row has no probability left."""
+    p = probs.clone()
+    ids, valid = [], []
+    for j in range(u.shape[1]):  # 2·num_beams draws, each vectorised over the rows
+        i = _sample(p, u[:, j])
+        valid.append(p.gather(1, i[:, None]).squeeze(1) > 0)
+        p.scatter_(1, i[:, None], 0.0)
+        ids.append(i)
+    return torch.stack(ids, 1), torch.stack(valid, 1)
+
+
+def _beam_candidates(flat: Tensor, u: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One beam-sample draw: `flat` [G, K·V] running scores over every (beam, id), `u` [G, 2K] uniforms ->
+    candidates sorted by score, descending: ``(score, id, beam, valid)``, each [G, 2K] (invalid: score −inf)."""
+    idx, valid = _draw_without_replacement(torch.softmax(flat, dim=-1), u)
+    score = flat.gather(1, idx).masked_fill(~valid, float("-inf"))
+    score, order = score.sort(dim=1, descending=True, stable=True)
+    idx, valid = idx.gather(1, order), valid.gather(1, order)
+    return score, idx % vocab, torch.div(idx, vocab, rounding_mode="floor"), valid
+
+
+def _beam_process(score: Tensor, ids: Tensor, beam: Tensor, valid: Tensor, num_beams: int, eos_id: int):
+    """transformers' ``BeamSearchScorer.process``, vectorised over samples: an end id among the first `num_beams`
+    candidates finishes a hypothesis; the first `num_beams` other valid candidates become the next beams (missing
+    ones are dead beams with score −inf). Returns ``(finish [G, K], next_score, next_id, next_beam [G, K])``."""
+    k = num_beams
+    rank = torch.arange(score.shape[1], device=score.device)
+    is_end = ids == eos_id
+    finish = (is_end & valid & (rank < k))[:, :k]
+    cont = ~is_end & valid
+    pos = cont.long().cumsum(1) - 1
+    take = cont & (pos < k)
+    cols = torch.where(take, pos, k + rank).argsort(dim=1, stable=True)[:, :k]
+    next_score = score.gather(1, cols).masked_fill(~take.gather(1, cols), float("-inf"))
+    return finish, next_score, ids.gather(1, cols), beam.gather(1, cols)
+
+
+def _beam_done(hyp_scores: Tensor, best: Tensor, cur_len: int, length_penalty: float, next_scores: Tensor) -> Tensor:
+    """transformers' ``BeamHypotheses.is_done`` (early_stopping=False), per sample: it holds `num_beams` hypotheses
+    (`hyp_scores` [G, K], best first) and the worst beats the best candidate's score `best` [G] normalised by
+    `cur_len`; or no beam is left alive (`next_scores` all −inf)."""
+    full = torch.isfinite(hyp_scores).all(1)
+    return (full & (hyp_scores[:, -1] >= best / float(cur_len) ** length_penalty)) | ~torch.isfinite(next_scores).any(1)
+
+
+def _keep_best(scores: Tensor, tokens: Tensor, lengths: Tensor, k: int):
+    """Per row the `k` best of ``scores`` [G, M] (ties: the earlier one), with their tokens [G, M, L] / lengths."""
+    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return (scores.gather(1, order), tokens.gather(1, order[..., None].expand(-1, -1, tokens.shape[2])),
+            lengths.gather(1, order))
+
+
 @torch.no_grad()
 def sweep_tokens(model: PigeonModel, batch: PigeonBatch, ref_mask_ratios: Sequence[float],
                  sampling: SamplingConfig | None = None, *, seed: int = 123, hist_mask_ratio: Optional[float] = None,
                  share_prefix: bool = True) -> list[list[Tensor]]:
-    """Sample one image's visual tokens per (sample, α_r) (spec §5.2); returns ``codes[b][r]`` (code ids, CPU).
+    """Generate one image's visual tokens per (sample, α_r) (spec §5.2); returns ``codes[b][r]`` (code ids, CPU).
 
     ``batch``: inference prompts with per-sample mask noise and ``index`` (the samples' indices in their split, used
-    for the per-row generators ``row_seed(seed, index, α_r)``). Generation of a row stops at ``[/IMG]`` (not before
-    ``min_new_tokens``) or after ``max_new_tokens``; a finished row leaves the batch and the KV cache, and the loop
-    ends when no row is left.
+    for the per-row generators ``row_seed(seed, index, α_r)``). An image ends at ``[/IMG]`` (not before
+    ``min_new_tokens``) or after ``max_new_tokens``; a finished (sample, α_r) leaves the batch and the KV cache, and
+    the loop ends when none is left. ``sampling.num_beams > 1``: beam-sample (module docstring), else plain sampling.
     """
     sampling = sampling or SamplingConfig()
     if batch.index is None:
@@ -244,12 +317,18 @@ def sweep_tokens(model: PigeonModel, batch: PigeonBatch, ref_mask_ratios: Sequen
     n, vocab = logits.shape
     dev = logits.device
     # per-row uniforms, one generator per (sample, α_r): independent of the batch composition
-    u = torch.stack([torch.rand(sampling.max_new_tokens, generator=torch.Generator().manual_seed(
+    draws = 2 * sampling.num_beams if sampling.num_beams > 1 else 1
+    u = torch.stack([torch.rand(sampling.max_new_tokens, draws, generator=torch.Generator().manual_seed(
         row_seed(seed, int(i), r))) for i in batch.index.tolist() for r in ref_mask_ratios]).to(dev)
     procs = [VisualOnlyLogitsProcessor(layout, vocab)]
     extra = model.backbone.visual_logits_processor()
     if extra is not None:
         procs.append(extra)
+    if sampling.num_beams > 1:
+        codes = _beam_sample(model, batch.seq.input_ids.to(dev).repeat_interleave(n_r, dim=0), logits, cache, am,
+                             next_pos, u, procs, sampling)
+        return [codes[k * n_r: (k + 1) * n_r] for k in range(len(codes) // n_r)]
+    u = u[..., 0]
     t = batch.seq.input_ids.shape[1]
     ids = torch.full((n, t + sampling.max_new_tokens), layout.pad_id, dtype=torch.long, device=dev)
     ids[:, :t] = batch.seq.input_ids.to(dev).repeat_interleave(n_r, dim=0)
@@ -279,6 +358,78 @@ def sweep_tokens(model: PigeonModel, batch: PigeonBatch, ref_mask_ratios: Sequen
     visual = layout.is_visual(new) & ~ended
     codes = [(row[v] - layout.visual_offset).cpu() for row, v in zip(new, visual)]
     return [codes[k * n_r: (k + 1) * n_r] for k in range(len(codes) // n_r)]
+
+
+def _beam_sample(model: PigeonModel, prompt: Tensor, logits: Tensor, cache, am: Tensor, next_pos: Tensor, u: Tensor,
+                 procs: list, sampling: SamplingConfig) -> list[Tensor]:
+    """Beam-sample over the prefilled rows (one per (sample, α_r) = *group*); returns the best hypothesis's code
+    ids per group. `prompt` [G, T] input ids, `u` [G, max_new_tokens, 2K] uniforms; see the module docstring."""
+    layout, lm = model.layout, _lm(model)
+    k, length, eos = sampling.num_beams, sampling.max_new_tokens, layout.emb_id
+    n_groups, vocab = logits.shape
+    dev, inf = logits.device, float("-inf")
+    # every group starts as k identical beams with running score 0 (transformers 4.33 beam_sample)
+    logits = logits.repeat_interleave(k, dim=0)
+    cache.batch_repeat_interleave(k)
+    am, next_pos = am.repeat_interleave(k, dim=0), next_pos.repeat_interleave(k, dim=0)
+    grp = torch.arange(n_groups, device=dev)  # groups still generating
+    beam_scores = torch.zeros(n_groups, k, device=dev)
+    gen = torch.full((n_groups * k, length), layout.pad_id, dtype=torch.long, device=dev)  # tokens per live beam
+    hyp_s = torch.full((n_groups, k), inf, device=dev)  # finished hypotheses per group: score, tokens, length
+    hyp_t = torch.full((n_groups, k, length), layout.pad_id, dtype=torch.long, device=dev)
+    hyp_n = torch.zeros(n_groups, k, dtype=torch.long, device=dev)
+    for step in range(length):
+        g = len(grp)
+        rows = torch.arange(g, device=dev)[:, None] * k
+        seen = torch.cat([prompt[grp].repeat_interleave(k, dim=0), gen[:, :step]], dim=1)
+        scores = torch.log_softmax(logits, dim=-1)
+        for p in procs:
+            scores = p(seen, scores)
+        if step < sampling.min_new_tokens:
+            scores[:, eos] = inf
+        running = (scores + beam_scores.reshape(-1, 1)) / sampling.temperature
+        running = _filter_logits(running, sampling.top_k, sampling.top_p, min_keep=2)
+        cand_s, cand_i, cand_b, valid = _beam_candidates(running.reshape(g, k * vocab), u[grp, step], vocab)
+        finish, next_s, next_i, next_b = _beam_process(cand_s, cand_i, cand_b, valid, k, eos)
+        # finished hypotheses: the parent's tokens so far; length counts the leading [IMG] (4.33: input_ids)
+        new_s = (cand_s[:, :k] / float(step + 1) ** sampling.length_penalty).masked_fill(~finish, inf)
+        new_t = gen[(rows + cand_b[:, :k]).reshape(-1)].reshape(g, k, length)
+        hyp_s[grp], hyp_t[grp], hyp_n[grp] = _keep_best(
+            torch.cat([hyp_s[grp], new_s], 1), torch.cat([hyp_t[grp], new_t], 1),
+            torch.cat([hyp_n[grp], torch.full_like(hyp_n[grp], step)], 1), k)
+        done = _beam_done(hyp_s[grp], cand_s[:, 0], step + 1, sampling.length_penalty, next_s)
+        parent = (rows + next_b).reshape(-1)
+        gen = gen[parent]
+        gen[:, step] = next_i.reshape(-1)
+        beam_scores = next_s
+        if step + 1 == length:  # out of length: the open beams of unfinished groups join their hypotheses
+            open_g = ~done
+            if bool(open_g.any()):
+                sel = grp[open_g]
+                s_open = (next_s[open_g] / float(length + 1) ** sampling.length_penalty)
+                hyp_s[sel], hyp_t[sel], hyp_n[sel] = _keep_best(
+                    torch.cat([hyp_s[sel], s_open], 1),
+                    torch.cat([hyp_t[sel], gen.reshape(g, k, length)[open_g]], 1),
+                    torch.cat([hyp_n[sel], torch.full_like(hyp_n[sel], length)], 1), k)
+            break
+        keep = ~done
+        if not bool(keep.any()):
+            break
+        sel = parent.reshape(g, k)[keep].reshape(-1)
+        grp, beam_scores = grp[keep], beam_scores[keep]
+        gen = gen.reshape(g, k, length)[keep].reshape(-1, length)
+        cache.batch_select_indices(sel)
+        am, next_pos = am[sel], next_pos[sel]
+        am = torch.cat([am, am.new_ones(len(sel), 1)], dim=1)
+        h, cache = _run_lm(lm, model.token_embeddings(next_i[keep].reshape(-1, 1)), am,
+                           (next_pos + step).unsqueeze(1), cache)
+        logits = lm.lm_head(h).float()
+    best = hyp_s.argmax(1)
+    out = []
+    for gi in range(n_groups):  # one per group: cut its best hypothesis to its length
+        toks = hyp_t[gi, best[gi], : hyp_n[gi, best[gi]]]
+        out.append((toks[layout.is_visual(toks)] - layout.visual_offset).cpu())
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- data

@@ -57,13 +57,14 @@ def test_shared_prefix_equals_full_prompt_per_ratio(world):
     assert bool((n_ref[0] >= n_ref[1]).all() and (n_ref[1] >= n_ref[2]).all()) and bool((n_ref[0] > n_ref[2]).any())
 
 
-def test_sweep_equals_separate_runs_and_respects_limits(world):
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_sweep_equals_separate_runs_and_respects_limits(world, num_beams):
     from pigeon_utils.inference import SamplingConfig, sweep_tokens
 
     model, ds = world
     batch = _batch(model, ds, [0, 1, 2])
     ratios = [0.0, 0.5, 1.0]
-    sc = SamplingConfig(min_new_tokens=3, max_new_tokens=6)
+    sc = SamplingConfig(min_new_tokens=3, max_new_tokens=6, num_beams=num_beams)
     sweep = sweep_tokens(model, batch, ratios, sc, seed=5)
     for j, r in enumerate(ratios):
         alone = sweep_tokens(model, batch, [r], sc, seed=5, share_prefix=False)
@@ -153,3 +154,132 @@ def test_sweep_is_deterministic_and_resumes_after_interruption(world, tmp_path, 
         run_sweep(model, ds, "test", b, InferenceConfig(ref_mask_ratios=(0.0, 0.5), seed=3, batch_size=2,
                                                         num_inference_steps=2, sampling=cfg.sampling), **kw)
     assert json.loads((b / "index.json").read_text())["config"]["ref_mask_ratios"] == [0.0, 1.0]
+
+
+def _reference_beam_sample(model, batch, ratio, b, u, sc):
+    """transformers 4.33.2 ``beam_sample`` for one (sample b, α_r), written plainly: no KV cache (full forward per
+    step), Python lists for beams and hypotheses, the same uniforms `u` [max_new, 2K] for the draws."""
+    from pigeon_utils.inference import _draw_without_replacement, _filter_logits, _lm
+    from pigeon_utils.model import VisualOnlyLogitsProcessor
+
+    k, eos, inf = sc.num_beams, model.layout.emb_id, float("-inf")
+    lm = _lm(model)
+    x, _ = model.input_embeddings(batch, ratio, inference=True)
+    am, pos, ids = batch.seq.attention_mask[b:b + 1], batch.seq.position_ids[b:b + 1], batch.seq.input_ids[b:b + 1]
+    procs = [VisualOnlyLogitsProcessor(model.layout, lm.config.vocab_size), model.backbone.visual_logits_processor()]
+    beams = [(0.0, [])] * k  # (running score, tokens); every beam starts with score 0
+    hyps = []  # (score / length, tokens)
+    for step in range(sc.max_new_tokens):
+        rows = []
+        for score, toks in beams:  # one full forward per beam
+            t = torch.tensor([toks], dtype=torch.long)
+            xe = torch.cat([x[b:b + 1], model.token_embeddings(t)], 1)
+            a = torch.cat([am, am.new_ones(1, len(toks))], 1)
+            p = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(len(toks))[None]], 1)
+            logits = lm(inputs_embeds=xe, attention_mask=a, position_ids=p).logits[:, -1].float()
+            s = torch.log_softmax(logits, -1)
+            for proc in procs:
+                s = proc(torch.cat([ids, t], 1), s)
+            if step < sc.min_new_tokens:
+                s[:, eos] = inf
+            rows.append(_filter_logits((s + score) / sc.temperature, sc.top_k, sc.top_p, min_keep=2))
+        flat = torch.cat(rows, 1)
+        vocab = rows[0].shape[1]
+        idx, valid = _draw_without_replacement(torch.softmax(flat, -1), u[step:step + 1])
+        cands = sorted(((float(flat[0, i]), int(i) // vocab, int(i) % vocab) for i, v in zip(idx[0], valid[0]) if v),
+                       key=lambda c: -c[0])
+        nxt = []
+        for rank, (score, beam, tok) in enumerate(cands):  # BeamSearchScorer.process
+            if tok == eos:
+                if rank < k:
+                    hyps.append((score / (step + 1), beams[beam][1]))
+                    hyps = sorted(hyps, key=lambda h: -h[0])[:k]
+            else:
+                nxt.append((score, beams[beam][1] + [tok]))
+            if len(nxt) == k:
+                break
+        if not nxt or (len(hyps) == k and hyps[-1][0] >= cands[0][0] / (step + 1)):
+            break
+        beams = nxt + [(inf, nxt[0][1])] * (k - len(nxt))
+        if step + 1 == sc.max_new_tokens:
+            hyps = sorted(hyps + [(s / (step + 2), t) for s, t in beams if s > inf], key=lambda h: -h[0])[:k]
+    best = torch.tensor(hyps[0][1], dtype=torch.long)
+    return best[model.layout.is_visual(best)] - model.layout.visual_offset
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_beam_sample_matches_plain_reference(world, temperature):
+    from pigeon_utils.inference import SamplingConfig, row_seed, sweep_tokens
+
+    model, ds = world
+    batch = _batch(model, ds, [0, 1, 2])
+    ratios = [0.0, 1.0]
+    sc = SamplingConfig(min_new_tokens=2, max_new_tokens=12, num_beams=3, temperature=temperature)
+    got = sweep_tokens(model, batch, ratios, sc, seed=4)
+    with torch.no_grad():
+        for b in range(3):
+            for j, r in enumerate(ratios):
+                u = torch.rand(sc.max_new_tokens, 2 * sc.num_beams,
+                               generator=torch.Generator().manual_seed(row_seed(4, int(batch.index[b]), r)))
+                assert torch.equal(got[b][j], _reference_beam_sample(model, batch, r, b, u, sc)), (b, r)
+
+
+def _mean_logprob(model, batch, ratio, b, codes):
+    """log p(codes, [/IMG] | prompt) per token under the model (teacher forcing, full forward)."""
+    from pigeon_utils.inference import _lm
+
+    lay = model.layout
+    toks = torch.cat([codes + lay.visual_offset, torch.tensor([lay.emb_id])])[None]
+    x, _ = model.input_embeddings(batch, ratio, inference=True)
+    am, pos = batch.seq.attention_mask[b:b + 1], batch.seq.position_ids[b:b + 1]
+    xe = torch.cat([x[b:b + 1], model.token_embeddings(toks[:, :-1])], 1)
+    a = torch.cat([am, am.new_ones(1, toks.shape[1] - 1)], 1)
+    p = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(toks.shape[1] - 1)[None]], 1)
+    logp = torch.log_softmax(_lm(model)(inputs_embeds=xe, attention_mask=a, position_ids=p).logits.float(), -1)
+    return float(logp[0, -toks.shape[1]:].gather(1, toks[0][:, None]).mean())
+
+
+def test_beams_seek_the_mode(world):
+    """4 beams find sequences the model finds more likely than plain samples (num_beams=1) do."""
+    from pigeon_utils.inference import SamplingConfig, sweep_tokens
+
+    model, ds = world
+    ks = list(range(6))
+    batch = _batch(model, ds, ks)
+    ratios = [0.0, 0.5, 1.0]
+    sc = dict(min_new_tokens=2, max_new_tokens=6)
+    plain = sweep_tokens(model, batch, ratios, SamplingConfig(**sc, num_beams=1), seed=1)
+    beams = sweep_tokens(model, batch, ratios, SamplingConfig(**sc, num_beams=4), seed=1)
+    with torch.no_grad():
+        lp = [[_mean_logprob(model, batch, r, b, out[b][j]) for b in ks for j, r in enumerate(ratios)]
+              for out in (plain, beams)]
+    assert sum(lp[1]) / len(lp[1]) > sum(lp[0]) / len(lp[0]) + 0.1, lp
+    with pytest.raises(ValueError, match="num_beams"):
+        SamplingConfig(num_beams=0)
+
+
+def test_beam_bookkeeping_by_hand():
+    from pigeon_utils.inference import _beam_done, _beam_process, _draw_without_replacement
+
+    inf, eos = float("-inf"), 9
+    # candidates sorted by score; K = 2: the end id at rank 0 finishes, the one at rank 2 is ignored
+    score = torch.tensor([[-1.0, -2.0, -3.0, -4.0]])
+    ids = torch.tensor([[eos, 5, eos, 6]])
+    beam = torch.tensor([[1, 0, 0, 1]])
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    finish, s, i, b = _beam_process(score, ids, beam, valid, 2, eos)
+    assert finish.tolist() == [[True, False]]
+    assert s.tolist() == [[-2.0, -4.0]] and i.tolist() == [[5, 6]] and b.tolist() == [[0, 1]]
+    # too few valid continuations: a dead beam (score −inf)
+    finish, s, i, b = _beam_process(score, ids, beam, torch.tensor([[True, True, True, False]]), 2, eos)
+    assert s.tolist() == [[-2.0, inf]]
+    # done: K hypotheses and the worst beats the best candidate / length; or nothing alive
+    hyps = torch.tensor([[-0.5, -1.0], [-0.5, inf], [-0.5, -1.0]])
+    best = torch.tensor([-3.0, -3.0, -1.0])
+    alive = torch.tensor([[-3.0, -4.0]] * 3)
+    assert _beam_done(hyps, best, 2, 1.0, alive).tolist() == [True, False, False]  # -1 ≥ -1.5; not full; -1 < -0.5
+    assert _beam_done(hyps, best, 2, 1.0, torch.full((3, 2), inf)).tolist() == [True, True, True]
+    # drawing without replacement: never the same id twice, never a zero-probability id
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2]])
+    idx, ok = _draw_without_replacement(probs, torch.tensor([[0.99, 0.99, 0.0, 0.5]]))
+    assert idx[0, :3].tolist() == [3, 2, 0] and ok.tolist() == [[True, True, True, False]]
