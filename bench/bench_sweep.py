@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32, help="test samples")
     ap.add_argument("--batch-size", type=int, default=4, help="samples per LMM batch")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-beams", type=int, default=1, help="1: plain sampling (default); 4: the reference's "
+                                                             "beam-sample")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per arm (the minimum counts)")
     ap.add_argument("--out", default="runs/bench-sweep")
     args = ap.parse_args()
@@ -85,10 +87,11 @@ def main() -> None:
         model, label = pretrained_model(run, SFTConfig.for_preset("toy")), "pre-trained (no SFT)"
     ds = open_dataset(run.data_dir, run.scenario)
     samples = ds.samples("test")[: args.samples]
-    cfg = InferenceConfig.for_preset("toy", batch_size=args.batch_size, seed=args.seed)
+    cfg = InferenceConfig.for_preset("toy", sampling={"num_beams": args.num_beams}, batch_size=args.batch_size,
+                                     seed=args.seed)
     ratios = list(cfg.ref_mask_ratios)
     print(f"model: {label}; {len(samples)} test samples of toy-{args.scenario}; {len(ratios)} ratios; "
-          f"batch {cfg.batch_size}; {torch.get_num_threads()} threads")
+          f"batch {cfg.batch_size}; {cfg.sampling.num_beams} beam(s); {torch.get_num_threads()} threads")
 
     timed_pass(model, ds, samples[:2], cfg, [ratios, [ratios[0]]])  # warm-up (first-call overheads)
     runs = {"separate": [], "sweep": []}

@@ -12,9 +12,9 @@ The paper runs one full inference process per α_r ∈ {0.0, 0.1, …, 1.0} (spe
 2. :func:`prefill` runs the LMM once over the shared prefix (everything before the ``<emb>`` slot) with the KV cache,
    repeats the cache over the ratios (rows ordered sample-major: row ``b·R + r``), then runs the short suffix
    (``E``, ``Response:``, ``[IMG]``) for all ``B × R`` rows;
-3. :func:`sweep_tokens` generates the visual tokens (spec §5.2: beam-sample with 4 beams, top-k 50, top-p 1,
-   temperature 1, only visual ids and ``[/IMG]`` allowed, ``min_new_tokens`` / ``max_new_tokens``, ``[/IMG]`` ends an
-   image) with our own loop over the cache; ``num_beams=1`` is plain sampling. Each (sample, α_r) draws its random
+3. :func:`sweep_tokens` generates the visual tokens (spec §5.2: top-k 50, top-p 1, temperature 1, only visual ids and
+   ``[/IMG]`` allowed, ``min_new_tokens`` / ``max_new_tokens``, ``[/IMG]`` ends an image) with our own loop over the
+   cache: plain sampling, or with ``num_beams=4`` the reference's beam-sample. Each (sample, α_r) draws its random
    numbers from its own generator, seeded by ``(seed, sample index, α_r)``, so a sample's image at a given α_r does
    not depend on the batch it is generated in (resume gives the same images);
 4. :func:`run_sweep` decodes the tokens (detokenizer → pixel decoder: DDIM, guidance 7 with zero negative
@@ -64,8 +64,8 @@ INDEX_VERSION = 1
 # ------------------------------------------------------------------------------------------------- config
 @dataclass
 class SamplingConfig:
-    """Visual-token generation (spec §5.2). Paper: beam-sample with 4 beams (``num_beams=1``: plain sampling),
-    top-k 50, top-p 1.0, temperature 1.0, length penalty 1, 20…300 new tokens.
+    """Visual-token generation (spec §5.2): top-k 50, top-p 1.0, temperature 1.0, 20…300 new tokens; plain sampling
+    (``num_beams=1``, the issue's decoder) or the reference's beam-sample (``num_beams=4``, length penalty 1).
 
     ``for_preset("toy")`` keeps the decoding settings and shortens the lengths (toy images have 5–25 tokens).
     """
@@ -75,7 +75,7 @@ class SamplingConfig:
     temperature: float = 1.0
     min_new_tokens: int = 20
     max_new_tokens: int = 300
-    num_beams: int = 4
+    num_beams: int = 1
     length_penalty: float = 1.0
 
     def __post_init__(self):
@@ -288,6 +288,19 @@ def _beam_done(hyp_scores: Tensor, best: Tensor, cur_len: int, length_penalty: f
     return (full & (hyp_scores[:, -1] >= best / float(cur_len) ** length_penalty)) | ~torch.isfinite(next_scores).any(1)
 
 
+def _reorder_generated(cache, parent: Tensor, start: int) -> None:
+    """Reorder the rows of a KV cache to `parent` from position `start` on (in place). Exact when rows that
+    `parent` maps onto each other hold the same cache before `start` — the beams of one group share their
+    prompt — and copies only the generated part instead of the whole cache."""
+    if hasattr(cache, "layers"):  # transformers ≥ 4.56
+        pairs = [(layer.keys, layer.values) for layer in cache.layers]
+    else:
+        pairs = list(zip(cache.key_cache, cache.value_cache))
+    for keys, values in pairs:  # one per layer
+        keys[:, :, start:] = keys[parent, :, start:]
+        values[:, :, start:] = values[parent, :, start:]
+
+
 def _keep_best(scores: Tensor, tokens: Tensor, lengths: Tensor, k: int):
     """Per row the `k` best of ``scores`` [G, M] (ties: the earlier one), with their tokens [G, M, L] / lengths."""
     order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
@@ -372,19 +385,22 @@ def _beam_sample(model: PigeonModel, prompt: Tensor, logits: Tensor, cache, am: 
     logits = logits.repeat_interleave(k, dim=0)
     cache.batch_repeat_interleave(k)
     am, next_pos = am.repeat_interleave(k, dim=0), next_pos.repeat_interleave(k, dim=0)
-    grp = torch.arange(n_groups, device=dev)  # groups still generating
+    start = am.shape[1]  # cache positions before this are the prompt, the same for every beam of a group
+    t = prompt.shape[1]
+    seq = torch.full((n_groups * k, t + length), layout.pad_id, dtype=torch.long, device=dev)  # ids per beam
+    seq[:, :t] = prompt.repeat_interleave(k, dim=0)
+    grp = torch.arange(n_groups, device=dev)  # groups in the batch
+    live = torch.ones(n_groups, dtype=torch.bool, device=dev)  # ... and still generating
     beam_scores = torch.zeros(n_groups, k, device=dev)
-    gen = torch.full((n_groups * k, length), layout.pad_id, dtype=torch.long, device=dev)  # tokens per live beam
     hyp_s = torch.full((n_groups, k), inf, device=dev)  # finished hypotheses per group: score, tokens, length
     hyp_t = torch.full((n_groups, k, length), layout.pad_id, dtype=torch.long, device=dev)
     hyp_n = torch.zeros(n_groups, k, dtype=torch.long, device=dev)
     for step in range(length):
         g = len(grp)
         rows = torch.arange(g, device=dev)[:, None] * k
-        seen = torch.cat([prompt[grp].repeat_interleave(k, dim=0), gen[:, :step]], dim=1)
         scores = torch.log_softmax(logits, dim=-1)
         for p in procs:
-            scores = p(seen, scores)
+            scores = p(seq[:, : t + step], scores)
         if step < sampling.min_new_tokens:
             scores[:, eos] = inf
         running = (scores + beam_scores.reshape(-1, 1)) / sampling.temperature
@@ -392,37 +408,35 @@ def _beam_sample(model: PigeonModel, prompt: Tensor, logits: Tensor, cache, am: 
         cand_s, cand_i, cand_b, valid = _beam_candidates(running.reshape(g, k * vocab), u[grp, step], vocab)
         finish, next_s, next_i, next_b = _beam_process(cand_s, cand_i, cand_b, valid, k, eos)
         # finished hypotheses: the parent's tokens so far; length counts the leading [IMG] (4.33: input_ids)
-        new_s = (cand_s[:, :k] / float(step + 1) ** sampling.length_penalty).masked_fill(~finish, inf)
-        new_t = gen[(rows + cand_b[:, :k]).reshape(-1)].reshape(g, k, length)
+        new_s = (cand_s[:, :k] / float(step + 1) ** sampling.length_penalty).masked_fill(~(finish & live[:, None]), inf)
+        new_t = seq[(rows + cand_b[:, :k]).reshape(-1), t:].reshape(g, k, length)
         hyp_s[grp], hyp_t[grp], hyp_n[grp] = _keep_best(
             torch.cat([hyp_s[grp], new_s], 1), torch.cat([hyp_t[grp], new_t], 1),
             torch.cat([hyp_n[grp], torch.full_like(hyp_n[grp], step)], 1), k)
-        done = _beam_done(hyp_s[grp], cand_s[:, 0], step + 1, sampling.length_penalty, next_s)
-        parent = (rows + next_b).reshape(-1)
-        gen = gen[parent]
-        gen[:, step] = next_i.reshape(-1)
-        beam_scores = next_s
+        live = live & ~_beam_done(hyp_s[grp], cand_s[:, 0], step + 1, sampling.length_penalty, next_s)
+        parent = (rows + next_b).reshape(-1)  # always a beam of the same group
+        seq[:, t: t + step] = seq[parent, t: t + step]
+        seq[:, t + step] = next_i.reshape(-1)
+        beam_scores = next_s.masked_fill(~live[:, None], 0.0)  # finished groups idle with finite scores
         if step + 1 == length:  # out of length: the open beams of unfinished groups join their hypotheses
-            open_g = ~done
-            if bool(open_g.any()):
-                sel = grp[open_g]
-                s_open = (next_s[open_g] / float(length + 1) ** sampling.length_penalty)
+            if bool(live.any()):
+                sel = grp[live]
+                s_open = (next_s[live] / float(length + 1) ** sampling.length_penalty)
                 hyp_s[sel], hyp_t[sel], hyp_n[sel] = _keep_best(
-                    torch.cat([hyp_s[sel], s_open], 1),
-                    torch.cat([hyp_t[sel], gen.reshape(g, k, length)[open_g]], 1),
+                    torch.cat([hyp_s[sel], s_open], 1), torch.cat([hyp_t[sel], seq[:, t:].reshape(g, k, length)[live]], 1),
                     torch.cat([hyp_n[sel], torch.full_like(hyp_n[sel], length)], 1), k)
             break
-        keep = ~done
-        if not bool(keep.any()):
+        if not bool(live.any()):
             break
-        sel = parent.reshape(g, k)[keep].reshape(-1)
-        grp, beam_scores = grp[keep], beam_scores[keep]
-        gen = gen.reshape(g, k, length)[keep].reshape(-1, length)
-        cache.batch_select_indices(sel)
-        am, next_pos = am[sel], next_pos[sel]
-        am = torch.cat([am, am.new_ones(len(sel), 1)], dim=1)
-        h, cache = _run_lm(lm, model.token_embeddings(next_i[keep].reshape(-1, 1)), am,
-                           (next_pos + step).unsqueeze(1), cache)
+        _reorder_generated(cache, parent, start)
+        if 4 * int((~live).sum()) >= g:  # drop finished groups once they are a quarter of the batch
+            sel = (rows + torch.arange(k, device=dev))[live].reshape(-1)
+            cache.batch_select_indices(sel)
+            am, next_pos, seq, next_i = am[sel], next_pos[sel], seq[sel], next_i[live]
+            grp, beam_scores, live = grp[live], beam_scores[live], live[live]
+        am = torch.cat([am, am.new_ones(len(am), 1)], dim=1)
+        h, cache = _run_lm(lm, model.token_embeddings(next_i.reshape(-1, 1)), am, (next_pos + step).unsqueeze(1),
+                           cache)
         logits = lm.lm_head(h).float()
     best = hyp_s.argmax(1)
     out = []
