@@ -97,17 +97,6 @@ def main(argv: list[str] | None = None) -> dict:
               f"{100 * low['accuracy']['all']:.1f}% (bar >= 85%: {_bar(low['accuracy']['all'] >= BARS['generation'])})"
               f"; per factor: {_fmt(low['accuracy'])}")
 
-    # not recorded by the build: does the LMM read style from its visual context (what Pigeon's history needs)?
-    from pigeon_utils.toy.build import heldout_combos
-    from pigeon_utils.toy.evaluate import in_context_style
-    from pigeon_utils.toy.load import load_toy_clip
-
-    bb = load_toy_backbone(a.checkpoint)
-    ic = in_context_style(bb, load_toy_clip(a.checkpoint, bb.text_tokenizer), heldout_combos(cfg), 4, seed=11)
-    fig["in_context_style"] = {k: v for k, v in ic.items() if not k.startswith("_")}
-    print(f"== in-context style, {ic['n_images']} images: {ic['n_context']} uncaptioned images in one style, then "
-          f"'a <glyph>' -> per factor {_fmt(ic['accuracy'])} (chance: colour 12.5%, pattern 25%, stroke 50%)")
-
     lmm = manifest["train_stats"]["lmm"]
     lmm_s = manifest["stage_seconds"]["LMM"]
     print(f"== probe comparison (DESIGN.md §3): LMM pre-training {lmm['steps']} steps, {lmm['tokens'] / 1e6:.2f}M "

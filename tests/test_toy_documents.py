@@ -74,22 +74,3 @@ def test_in_context_recipe_names_build_fields():
     fields = set(BuildConfig.__dataclass_fields__)
     assert set(IN_CONTEXT) <= fields and IN_CONTEXT["n_lmm_docs"] > 0
     assert BuildConfig().n_lmm_docs == 0 and BuildConfig().clip_semantics == 0.0  # the committed checkpoint's recipe
-
-
-def test_in_context_style_figure_on_the_smoke_build(tmp_path):
-    """The in-context figure: one image per combination, judged on its factors; the same seed gives the same."""
-    from test_sft import build_smoke
-    from pigeon_utils.toy.evaluate import in_context_style
-    from pigeon_utils.toy.load import load_toy_backbone, load_toy_clip
-
-    folder = build_smoke(tmp_path / "toy")
-    bb = load_toy_backbone(folder)
-    clip = load_toy_clip(folder, bb.text_tokenizer)
-    combos = [("star", "red", "dots", "filled"), ("moon", "blue", "plain", "outline"), ("heart", "green", "grid",
-                                                                                       "filled")]
-    a = in_context_style(bb, clip, combos, 2, seed=3)
-    b = in_context_style(bb, clip, combos, 2, seed=3)
-    assert a["n_images"] == 3 and a["n_context"] == 2 and a["_images"].shape == (3, 64, 64, 3)
-    assert a["accuracy"] == b["accuracy"] and (a["_images"] == b["_images"]).all()
-    assert set(a["accuracy"]) == {"glyph", "colour", "pattern", "stroke", "all"}
-    assert all(0.0 <= v <= 1.0 for v in a["accuracy"].values())

@@ -6,8 +6,6 @@
 * :func:`round_trip` — image -> tokens -> detokenizer -> pixel decoder, judged by the toy CLIP; token-count stats.
 * :func:`caption_generation` — caption -> visual tokens with the pre-trained LMM (under the backbone's logits
   processor) -> image, on caption combinations held out of the LMM's pre-training.
-* :func:`in_context_style` — a few images sharing a style, then ``a <glyph>``: does the LMM draw the glyph in
-  the style it saw (no text names the style)? What Pigeon's history needs.
 """
 from __future__ import annotations
 
@@ -73,32 +71,6 @@ def caption_generation(backbone, clip: ToyClip, combos: Sequence[tuple[str, str,
     return {"n_images": len(codes), "n_combos": len(combos), "accuracy": acc,
             "tokens_per_image": {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())},
             "sampling": {"top_k": top_k, "temperature": temperature}, "_images": images, "_captions": captions}
-
-
-@torch.no_grad()
-def in_context_style(backbone, clip: ToyClip, combos: Sequence[tuple[str, str, str, str]], n_context: int,
-                     seed: int, top_k: int = 50, temperature: float = 1.0) -> dict:
-    """For each combination (glyph, colour, pattern, stroke): `n_context` images in its style with other glyphs,
-    uncaptioned, then ``a <glyph> [IMG]``; the LMM generates, the toy CLIP judges. Style accuracy far above
-    chance (colour 1/8, pattern 1/4, stroke 1/2) means the LMM reads style from its visual context."""
-    from pigeon_utils.toy.lmm import generate_codes, image_span
-    from pigeon_utils.toy_data import GLYPHS, random_factors, render
-
-    rng = np.random.default_rng(seed)
-    layout, text_tok = backbone.layout, backbone.text_tokenizer
-    context = [random_factors(rng, [x for x in GLYPHS if x != g][int(rng.integers(len(GLYPHS) - 1))], c, p, s)
-               for g, c, p, s in combos for _ in range(n_context)]
-    codes = backbone.tokenizer.tokenize(np.stack([np.asarray(render(f)) for f in context])).codes
-    prompts = []
-    for i, (g, *_style) in enumerate(combos):  # one prompt per combination
-        spans = [image_span(c, layout) for c in codes[i * n_context:(i + 1) * n_context]]
-        prompts.append([text_tok.bos_token_id] + torch.cat(spans).tolist()
-                       + text_tok(f"a {g}", add_special_tokens=False)["input_ids"] + [layout.img_id])
-    out = generate_codes(backbone.lmm, layout, backbone.visual_logits_processor(), prompts, seed, top_k, temperature)
-    images = decode_in_batches(backbone, out, seed)
-    truth = [dict(zip(("glyph", "colour", "pattern", "stroke"), c)) for c in combos]
-    return {"n_images": len(out), "n_context": n_context, "accuracy": clip_accuracy(clip, images, truth),
-            "sampling": {"top_k": top_k, "temperature": temperature}, "_images": images}
 
 
 def public(d: dict) -> dict:

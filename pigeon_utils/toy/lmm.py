@@ -202,27 +202,17 @@ def generate_images_codes(model, text_tokenizer, layout: IdLayout, grammar: ToyV
                           max_new_tokens: int = 72, batch: int = 128) -> list[Tensor]:
     """Caption -> code ids per caption: prompt ``<s> caption [IMG]``, sample until ``[/IMG]`` under the grammar,
     with text ids suppressed. Deterministic given `gen_seed`."""
-    prompts = [[text_tokenizer.bos_token_id] + text_tokenizer(c, add_special_tokens=False)["input_ids"]
-               + [layout.img_id] for c in captions]
-    return generate_codes(model, layout, grammar, prompts, gen_seed, top_k, temperature, max_new_tokens, batch)
-
-
-@torch.no_grad()
-def generate_codes(model, layout: IdLayout, grammar: ToyVisualGrammar, prompts: Sequence[Sequence[int]],
-                   gen_seed: int, top_k: int = 50, temperature: float = 1.0, max_new_tokens: int = 72,
-                   batch: int = 128) -> list[Tensor]:
-    """Id prompts (each ending in ``[IMG]``, left-padded per batch) -> sampled code ids per prompt, under the
-    grammar with text ids suppressed. Deterministic given `gen_seed`."""
     from transformers import LogitsProcessorList
 
     out: list[Tensor] = []
     procs = LogitsProcessorList([SuppressText(layout), grammar])
     torch.manual_seed(gen_seed)  # generate() samples with the global generator
-    for i in range(0, len(prompts), batch):
-        chunk = [list(p) for p in prompts[i:i + batch]]
-        t = max(map(len, chunk))
-        ids = torch.tensor([[layout.pad_id] * (t - len(p)) + p for p in chunk], device=model.device)
-        attn = (torch.arange(t)[None] >= torch.tensor([t - len(p) for p in chunk])[:, None]).long().to(ids.device)
+    for i in range(0, len(captions), batch):
+        prompts = [[text_tokenizer.bos_token_id] + text_tokenizer(c, add_special_tokens=False)["input_ids"]
+                   + [layout.img_id] for c in captions[i:i + batch]]
+        t = max(map(len, prompts))
+        ids = torch.tensor([[layout.pad_id] * (t - len(p)) + p for p in prompts], device=model.device)
+        attn = (torch.arange(t)[None] >= torch.tensor([t - len(p) for p in prompts])[:, None]).long().to(ids.device)
         seq = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=top_k,
                              temperature=temperature, max_new_tokens=max_new_tokens, eos_token_id=layout.emb_id,
                              pad_token_id=layout.pad_id, logits_processor=procs)[:, t:]
