@@ -88,6 +88,8 @@ def test_smoke_build_writes_every_file_and_loads(smoke_dir):
     manifest = json.loads((smoke_dir / "manifest.json").read_text())
     assert manifest["seed"] == 0 and manifest["recipe"]["smoke"] is True
     assert set(manifest["figures"]) == {"clip_zero_shot", "round_trip", "caption_to_image"}
+    lmm = manifest["train_stats"]["lmm"]  # SMOKE runs both LMM phases
+    assert (lmm["steps"], lmm["phase2"]["steps"]) == (SMOKE["lmm_steps"], SMOKE["lmm_phase2_steps"])
     bb = load_backbone("toy", smoke_dir)
     lay = bb.layout
     assert (lay.img_id, lay.emb_id, lay.visual_offset) == (len(bb.text_tokenizer) - 2, len(bb.text_tokenizer) - 1,
