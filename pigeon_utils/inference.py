@@ -292,7 +292,7 @@ def _reorder_generated(cache, parent: Tensor, start: int) -> None:
     """Reorder the rows of a KV cache to `parent` from position `start` on (in place). Exact when rows that
     `parent` maps onto each other hold the same cache before `start` — the beams of one group share their
     prompt — and copies only the generated part instead of the whole cache."""
-    if hasattr(cache, "layers"):  # transformers ≥ 4.56
+    if hasattr(cache, "layers"):  # transformers 5: one layer object per layer; 4.x: key / value lists
         pairs = [(layer.keys, layer.values) for layer in cache.layers]
     else:
         pairs = list(zip(cache.key_cache, cache.value_cache))
@@ -422,8 +422,9 @@ def _beam_sample(model: PigeonModel, prompt: Tensor, logits: Tensor, cache, am: 
             if bool(live.any()):
                 sel = grp[live]
                 s_open = (next_s[live] / float(length + 1) ** sampling.length_penalty)
+                open_t = seq[:, t:].reshape(g, k, length)[live]
                 hyp_s[sel], hyp_t[sel], hyp_n[sel] = _keep_best(
-                    torch.cat([hyp_s[sel], s_open], 1), torch.cat([hyp_t[sel], seq[:, t:].reshape(g, k, length)[live]], 1),
+                    torch.cat([hyp_s[sel], s_open], 1), torch.cat([hyp_t[sel], open_t], 1),
                     torch.cat([hyp_n[sel], torch.full_like(hyp_n[sel], length)], 1), k)
             break
         if not bool(live.any()):
