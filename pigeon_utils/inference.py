@@ -327,8 +327,7 @@ def sweep_tokens(model: PigeonModel, batch: PigeonBatch, ref_mask_ratios: Sequen
     n_r = len(ref_mask_ratios)
     logits, cache, am, next_pos = prefill(model, batch, ref_mask_ratios, hist_mask_ratio=hist_mask_ratio,
                                           share_prefix=share_prefix)
-    n, vocab = logits.shape
-    dev = logits.device
+    vocab, dev = logits.shape[1], logits.device
     # per-row uniforms, one generator per (sample, α_r): independent of the batch composition
     draws = 2 * sampling.num_beams if sampling.num_beams > 1 else 1
     u = torch.stack([torch.rand(sampling.max_new_tokens, draws, generator=torch.Generator().manual_seed(
@@ -337,22 +336,33 @@ def sweep_tokens(model: PigeonModel, batch: PigeonBatch, ref_mask_ratios: Sequen
     extra = model.backbone.visual_logits_processor()
     if extra is not None:
         procs.append(extra)
-    if sampling.num_beams > 1:
-        codes = _beam_sample(model, batch.seq.input_ids.to(dev).repeat_interleave(n_r, dim=0), logits, cache, am,
-                             next_pos, u, procs, sampling)
-        return [codes[k * n_r: (k + 1) * n_r] for k in range(len(codes) // n_r)]
+    decode = _beam_sample if sampling.num_beams > 1 else _plain_sample
+    codes = decode(model, batch.seq.input_ids.to(dev).repeat_interleave(n_r, dim=0), logits, cache, am, next_pos, u,
+                   procs, sampling)
+    return [codes[k * n_r: (k + 1) * n_r] for k in range(len(codes) // n_r)]
+
+
+def _processed(procs: list, ids: Tensor, scores: Tensor, step: int, sampling: SamplingConfig, eos: int) -> Tensor:
+    """`scores` after the logits processors (which see the ids so far) and the ``min_new_tokens`` ban on the end."""
+    for p in procs:
+        scores = p(ids, scores)
+    if step < sampling.min_new_tokens:
+        scores[:, eos] = float("-inf")
+    return scores
+
+
+def _plain_sample(model: PigeonModel, prompt: Tensor, logits: Tensor, cache, am: Tensor, next_pos: Tensor, u: Tensor,
+                  procs: list, sampling: SamplingConfig) -> list[Tensor]:
+    """Plain sampling over the prefilled rows; returns the code ids per row. `prompt` [N, T] input ids, `u`
+    [N, max_new_tokens, 1] uniforms (inverse-CDF draws)."""
+    layout, lm = model.layout, _lm(model)
+    n, t = prompt.shape
     u = u[..., 0]
-    t = batch.seq.input_ids.shape[1]
-    ids = torch.full((n, t + sampling.max_new_tokens), layout.pad_id, dtype=torch.long, device=dev)
-    ids[:, :t] = batch.seq.input_ids.to(dev).repeat_interleave(n_r, dim=0)
-    alive = torch.arange(n, device=dev)  # rows still generating; finished rows leave the batch and the cache
-    lm = _lm(model)
+    ids = torch.full((n, t + sampling.max_new_tokens), layout.pad_id, dtype=torch.long, device=prompt.device)
+    ids[:, :t] = prompt
+    alive = torch.arange(n, device=prompt.device)  # rows still generating; finished rows leave the batch and cache
     for step in range(sampling.max_new_tokens):
-        scores = logits
-        for p in procs:
-            scores = p(ids[alive, : t + step], scores)
-        if step < sampling.min_new_tokens:
-            scores[:, layout.emb_id] = float("-inf")
+        scores = _processed(procs, ids[alive, : t + step], logits, step, sampling, layout.emb_id)
         scores = _filter_logits(scores / sampling.temperature, sampling.top_k, sampling.top_p)
         nxt = _sample(torch.softmax(scores, dim=-1), u[alive, step])
         ids[alive, t + step] = nxt
@@ -369,8 +379,7 @@ def sweep_tokens(model: PigeonModel, batch: PigeonBatch, ref_mask_ratios: Sequen
     new = ids[:, t:]
     ended = (new == layout.emb_id).long().cumsum(1) > 0
     visual = layout.is_visual(new) & ~ended
-    codes = [(row[v] - layout.visual_offset).cpu() for row, v in zip(new, visual)]
-    return [codes[k * n_r: (k + 1) * n_r] for k in range(len(codes) // n_r)]
+    return [(row[v] - layout.visual_offset).cpu() for row, v in zip(new, visual)]
 
 
 def _beam_sample(model: PigeonModel, prompt: Tensor, logits: Tensor, cache, am: Tensor, next_pos: Tensor, u: Tensor,
@@ -398,11 +407,7 @@ def _beam_sample(model: PigeonModel, prompt: Tensor, logits: Tensor, cache, am: 
     for step in range(length):
         g = len(grp)
         rows = torch.arange(g, device=dev)[:, None] * k
-        scores = torch.log_softmax(logits, dim=-1)
-        for p in procs:
-            scores = p(seq[:, : t + step], scores)
-        if step < sampling.min_new_tokens:
-            scores[:, eos] = inf
+        scores = _processed(procs, seq[:, : t + step], torch.log_softmax(logits, dim=-1), step, sampling, eos)
         running = (scores + beam_scores.reshape(-1, 1)) / sampling.temperature
         running = _filter_logits(running, sampling.top_k, sampling.top_p, min_keep=2)
         cand_s, cand_i, cand_b, valid = _beam_candidates(running.reshape(g, k * vocab), u[grp, step], vocab)

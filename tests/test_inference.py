@@ -156,6 +156,19 @@ def test_sweep_is_deterministic_and_resumes_after_interruption(world, tmp_path, 
     assert json.loads((b / "index.json").read_text())["config"]["ref_mask_ratios"] == [0.0, 1.0]
 
 
+def _full_forward(model, x, batch, b, toks):
+    """Logits [1, T + n, V] of sample b's inference prompt (embeddings `x`) followed by the ids `toks` [1, n],
+    without a KV cache."""
+    from pigeon_utils.inference import _lm
+
+    am, pos = batch.seq.attention_mask[b:b + 1], batch.seq.position_ids[b:b + 1]
+    n = toks.shape[1]
+    xe = torch.cat([x[b:b + 1], model.token_embeddings(toks)], 1)
+    a = torch.cat([am, am.new_ones(1, n)], 1)
+    p = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(n)[None]], 1)
+    return _lm(model)(inputs_embeds=xe, attention_mask=a, position_ids=p).logits.float()
+
+
 def _reference_beam_sample(model, batch, ratio, b, u, sc):
     """transformers 4.33.2 ``beam_sample`` for one (sample b, α_r), written plainly: no KV cache (full forward per
     step), Python lists for beams and hypotheses, the same uniforms `u` [max_new, 2K] for the draws."""
@@ -163,21 +176,17 @@ def _reference_beam_sample(model, batch, ratio, b, u, sc):
     from pigeon_utils.model import VisualOnlyLogitsProcessor
 
     k, eos, inf = sc.num_beams, model.layout.emb_id, float("-inf")
-    lm = _lm(model)
     x, _ = model.input_embeddings(batch, ratio, inference=True)
-    am, pos, ids = batch.seq.attention_mask[b:b + 1], batch.seq.position_ids[b:b + 1], batch.seq.input_ids[b:b + 1]
-    procs = [VisualOnlyLogitsProcessor(model.layout, lm.config.vocab_size), model.backbone.visual_logits_processor()]
+    ids = batch.seq.input_ids[b:b + 1]
+    procs = [VisualOnlyLogitsProcessor(model.layout, _lm(model).config.vocab_size),
+             model.backbone.visual_logits_processor()]
     beams = [(0.0, [])] * k  # (running score, tokens); every beam starts with score 0
     hyps = []  # (score / length, tokens)
     for step in range(sc.max_new_tokens):
         rows = []
         for score, toks in beams:  # one full forward per beam
             t = torch.tensor([toks], dtype=torch.long)
-            xe = torch.cat([x[b:b + 1], model.token_embeddings(t)], 1)
-            a = torch.cat([am, am.new_ones(1, len(toks))], 1)
-            p = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(len(toks))[None]], 1)
-            logits = lm(inputs_embeds=xe, attention_mask=a, position_ids=p).logits[:, -1].float()
-            s = torch.log_softmax(logits, -1)
+            s = torch.log_softmax(_full_forward(model, x, batch, b, t)[:, -1], -1)
             for proc in procs:
                 s = proc(torch.cat([ids, t], 1), s)
             if step < sc.min_new_tokens:
@@ -226,16 +235,10 @@ def test_beam_sample_matches_plain_reference(world, temperature):
 
 def _mean_logprob(model, batch, ratio, b, codes):
     """log p(codes, [/IMG] | prompt) per token under the model (teacher forcing, full forward)."""
-    from pigeon_utils.inference import _lm
-
     lay = model.layout
     toks = torch.cat([codes + lay.visual_offset, torch.tensor([lay.emb_id])])[None]
     x, _ = model.input_embeddings(batch, ratio, inference=True)
-    am, pos = batch.seq.attention_mask[b:b + 1], batch.seq.position_ids[b:b + 1]
-    xe = torch.cat([x[b:b + 1], model.token_embeddings(toks[:, :-1])], 1)
-    a = torch.cat([am, am.new_ones(1, toks.shape[1] - 1)], 1)
-    p = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(toks.shape[1] - 1)[None]], 1)
-    logp = torch.log_softmax(_lm(model)(inputs_embeds=xe, attention_mask=a, position_ids=p).logits.float(), -1)
+    logp = torch.log_softmax(_full_forward(model, x, batch, b, toks[:, :-1]), -1)
     return float(logp[0, -toks.shape[1]:].gather(1, toks[0][:, None]).mean())
 
 
