@@ -131,6 +131,67 @@ def test_smoke_build_is_deterministic(smoke_dir, tmp_path):
     assert first == second
 
 
+def _train_detokenizer(folder, images, features, weight: float, steps: int = 3):
+    """A fresh small detokenizer + UNet on `folder`'s tokenizer and VAE, trained `steps` steps; returns it."""
+    from pigeon_utils.toy.decoder import ToyPixelDecoder, make_scheduler, make_unet, train_pixel_decoder
+    from pigeon_utils.toy.detokenizer import ToyDetokenizer
+
+    bb = load_toy_backbone(folder)
+    codes, mask = pad_codes(bb.tokenizer.tokenize(images).codes)
+    torch.manual_seed(0)
+    detok = ToyDetokenizer(bb.detokenizer.config)
+    detok.set_code_table(bb.tokenizer.code_table())
+    vae = bb.pixel_decoder.vae
+    unet = make_unet(vae.config.latent_channels, detok.cond_dim, detok.pooled_dim, grid=bb.tokenizer.config.grid,
+                     channels=(16, 32))
+    decoder = ToyPixelDecoder(unet, make_scheduler(), vae, num_inference_steps=2)
+    with torch.no_grad():
+        latents = vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    train_pixel_decoder(detok, decoder, codes, mask, latents, steps, 8, 1e-2, torch.Generator().manual_seed(0),
+                        progress=False, features=features, feature_weight=weight)
+    return detok
+
+
+def test_detokenizer_feature_term_trains_the_detokenizer_only_when_weighted(smoke_dir):
+    """The feature-reconstruction term (build's `detok_feature_weight`) adds a gradient to the detokenizer when its
+    weight is > 0 and leaves training exactly as before at 0; features must have one row per training image.
+    (What it does at full size is the bench's reference-embedding probe: README, toy backbone section.)"""
+    from pigeon_utils.toy.evaluate import fresh_images
+
+    images, fs = fresh_images([(g, "red", "plain", "filled") for g in ("star", "heart")], 16, seed=0)
+    features = torch.nn.functional.one_hot(torch.tensor([int(f["glyph"] == "star") for f in fs]), 2).float()
+    plain = _train_detokenizer(smoke_dir, images, None, 0.0).state_dict()
+    unused = _train_detokenizer(smoke_dir, images, features, 0.0).state_dict()
+    weighted = _train_detokenizer(smoke_dir, images, features, 1.0).state_dict()
+    assert all(torch.equal(plain[k], unused[k]) for k in plain)
+    assert not torch.allclose(plain["in_proj.weight"], weighted["in_proj.weight"])
+    with pytest.raises(ValueError, match="one row per training image"):
+        _train_detokenizer(smoke_dir, images, features[:10], weight=1.0, steps=1)
+
+
+def test_linear_probe_accuracy_finds_a_linear_factor_and_not_noise():
+    from pigeon_utils.toy.evaluate import linear_probe_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(4, (800,), generator=g)
+    noise = torch.randn(800, 6, generator=g)
+    carried = noise.clone()
+    carried[:, :4] += 3 * torch.nn.functional.one_hot(labels, 4)
+    assert linear_probe_accuracy(carried, labels, n_train=600) > 0.95
+    assert linear_probe_accuracy(noise, labels, n_train=600) < 0.4
+    with pytest.raises(ValueError, match="n_train=800"):
+        linear_probe_accuracy(noise, labels, n_train=800)
+
+
+def test_reference_embedding_probe_reads_the_mean_detokenizer_output(smoke_dir):
+    from pigeon_utils.toy.evaluate import fresh_images, reference_embedding_probe
+
+    ims, fs = fresh_images([("star", c, "plain", "filled") for c in ("red", "blue")], 80, seed=0)
+    probe = reference_embedding_probe(load_toy_backbone(smoke_dir), ims, fs, n_train=60)
+    assert set(probe) == {"glyph", "colour", "pattern", "stroke"}
+    assert probe["colour"] == 1.0  # the image token's colour reaches every slot, hence the mean
+
+
 def test_missing_or_damaged_checkpoint_names_the_file(smoke_dir, tmp_path):
     broken = tmp_path / "toy"
     shutil.copytree(smoke_dir, broken)

@@ -76,6 +76,9 @@ class BuildConfig:
     dec_steps: int = 1800
     dec_batch: int = 32
     dec_lr: float = 2e-3
+    # > 0: the detokenizer's mean output must also reconstruct the toy CLIP's image embedding (what the reference
+    # embedding E is built from carries the image's meaning, as LaVIT's does; 0 = diffusion loss only, committed)
+    detok_feature_weight: float = 0.0
     decode_steps: int = 20
     # LMM
     lmm_hidden: int = 128
@@ -103,7 +106,7 @@ SMOKE = dict(smoke=True, threads=1, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldou
              n_shapes=4, clip_width=8, clip_steps=2, clip_batch=8, vae_hidden=16, vae_steps=2, vae_batch=8,
              detok_dim=16, unet_channels=(16, 32), dec_steps=2, dec_batch=8, decode_steps=2, lmm_hidden=32,
              lmm_layers=1, lmm_heads=2, lmm_intermediate=64, lmm_steps=2, lmm_batch=4, lmm_row=64, n_lmm_docs=8,
-             lmm_phase2_steps=1, clip_semantics=0.25, n_eval=16, gen_per_combo=2)
+             lmm_phase2_steps=1, clip_semantics=0.25, detok_feature_weight=0.5, n_eval=16, gen_per_combo=2)
 
 # The in-context recipe (README, notebook-06 section): style documents in the LMM's pre-training (1,200 steps
 # with them, then 900 steps on captions and a fifth of them) and semantics texts in the toy CLIP's. After toy SFT
@@ -309,8 +312,9 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     unet = make_unet(cfg.latent_channels, cfg.detok_dim, cfg.detok_dim, grid=tokenizer.config.grid,
                      channels=cfg.unet_channels)
     decoder = ToyPixelDecoder(unet, make_scheduler(), vae, num_inference_steps=cfg.decode_steps)
+    feats = clip.image_features(pool_ims) if cfg.detok_feature_weight > 0 else None
     dec_loss = train_pixel_decoder(detok, decoder, codes, mask, latents, cfg.dec_steps, cfg.dec_batch, cfg.dec_lr,
-                                   g, progress=progress)
+                                   g, progress=progress, features=feats, feature_weight=cfg.detok_feature_weight)
     detok.save_pretrained(tmp / "detokenizer")
     decoder.save_pretrained(tmp / "pixel_decoder")
     t = stage("detokenizer + UNet", t)

@@ -179,17 +179,30 @@ def train_autoencoder(vae: PatchAutoencoder, images: Tensor, steps: int, batch: 
 
 def train_pixel_decoder(detokenizer, decoder: ToyPixelDecoder, codes: Tensor, mask: Tensor, latents: Tensor,
                         steps: int, batch: int, lr: float, gen: torch.Generator, p_uncond: float = 0.1,
-                        progress: bool = True) -> float:
+                        progress: bool = True, features: Tensor | None = None, feature_weight: float = 0.0) -> float:
     """Train the detokenizer and the UNet together on the diffusion loss (x0-prediction MSE).
 
     ``codes``/``mask`` [N, T]: each training image's padded code ids; ``latents`` [N, C, g, g]: its scaled VAE
     latents. With probability `p_uncond` a sample's conditioning is zeroed (for classifier-free guidance).
-    Returns the final loss (moving average).
+
+    ``features`` [N, F] (e.g. the toy CLIP's image embeddings) with ``feature_weight`` > 0 adds a feature
+    reconstruction term: a linear read-out of the mean conditioning row must match each image's feature vector
+    (weight × (1 − cosine)). The mean row is what Pigeon's adapter turns into the reference embedding; LaVIT's
+    decoder output carries the image's meaning there, and on the diffusion loss alone the toy's carries only its
+    style. The read-out is training-only (not saved). Returns the final diffusion loss (moving average).
     """
     from tqdm.auto import tqdm
 
     unet, sched = decoder.unet, decoder.scheduler
     params = list(detokenizer.parameters()) + list(unet.parameters())
+    readout = None
+    if feature_weight > 0:
+        if features is None or len(features) != len(codes):
+            raise ValueError(f"train_pixel_decoder: feature_weight={feature_weight} needs `features` with one row "
+                             f"per training image ({len(codes)}), got "
+                             f"{None if features is None else len(features)}")
+        readout = torch.nn.Linear(detokenizer.cond_dim, features.shape[1])
+        params += list(readout.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
     detokenizer.train()
@@ -200,13 +213,16 @@ def train_pixel_decoder(detokenizer, decoder: ToyPixelDecoder, codes: Tensor, ma
         idx = torch.randint(len(codes), (batch,), generator=gen)
         x0 = latents[idx]
         cond, pooled = detokenizer(codes[idx], mask[idx])
+        aux = 0.0
+        if readout is not None:
+            aux = feature_weight * (1 - F.cosine_similarity(readout(cond.mean(1)), features[idx], dim=-1)).mean()
         keep = (torch.rand(batch, generator=gen) >= p_uncond).float()
         cond, pooled = cond * keep[:, None, None], pooled * keep[:, None]
         t = torch.randint(sched.config.num_train_timesteps, (batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         loss = F.mse_loss(decoder.predict(sched.add_noise(x0, noise, t), t, cond, pooled), x0)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + aux).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lr_sched.step()

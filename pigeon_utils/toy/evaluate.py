@@ -6,6 +6,8 @@
 * :func:`round_trip` — image -> tokens -> detokenizer -> pixel decoder, judged by the toy CLIP; token-count stats.
 * :func:`caption_generation` — caption -> visual tokens with the pre-trained LMM (under the backbone's logits
   processor) -> image, on caption combinations held out of the LMM's pre-training.
+* :func:`reference_embedding_probe` — a diagnostic, not a bar: how much of each factor a linear read-out finds in
+  the detokenizer's mean output, which Pigeon's adapter turns into the reference embedding E.
 """
 from __future__ import annotations
 
@@ -71,6 +73,46 @@ def caption_generation(backbone, clip: ToyClip, combos: Sequence[tuple[str, str,
     return {"n_images": len(codes), "n_combos": len(combos), "accuracy": acc,
             "tokens_per_image": {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())},
             "sampling": {"top_k": top_k, "temperature": temperature}, "_images": images, "_captions": captions}
+
+
+def linear_probe_accuracy(x: torch.Tensor, labels: torch.Tensor, n_train: int, steps: int = 300,
+                          seed: int = 0) -> float:
+    """Held-out accuracy of a multinomial logistic regression fitted on the first `n_train` rows of `x` [N, D]
+    (standardised with the training rows' statistics) to integer `labels` [N]; full-batch Adam."""
+    if not 0 < n_train < len(x):
+        raise ValueError(f"linear_probe_accuracy: n_train={n_train} must leave rows on both sides of {len(x)}")
+    x = x.float()
+    mu, sd = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
+    x = (x - mu) / sd
+    k = int(labels.max()) + 1
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(x.shape[1], k, generator=g) * 0.01).requires_grad_()
+    b = torch.zeros(k, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.05)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(x[:n_train] @ w + b, labels[:n_train]).backward()
+            opt.step()
+    with torch.no_grad():
+        return float(((x[n_train:] @ w + b).argmax(1) == labels[n_train:]).float().mean())
+
+
+@torch.no_grad()
+def reference_embedding_probe(backbone, images: np.ndarray, factors: list[dict], n_train: int) -> dict[str, float]:
+    """Per factor, the held-out accuracy of a linear read-out from the detokenizer's mean conditioning row of each
+    image's tokens: what the reference embedding E (adapter of that mean, spec §3.2) can carry of the image."""
+    from pigeon_utils.backbone import pad_codes
+
+    codes, mask = pad_codes(backbone.tokenizer.tokenize(images).codes)
+    x = torch.cat([backbone.detokenizer(codes[i:i + 512], mask[i:i + 512])[0].mean(1)
+                   for i in range(0, len(codes), 512)])
+    out = {}
+    for name in ("glyph", "colour", "pattern", "stroke"):
+        values = sorted({f[name] for f in factors})
+        labels = torch.tensor([values.index(f[name]) for f in factors])
+        out[name] = linear_probe_accuracy(x, labels, n_train)
+    return out
 
 
 def public(d: dict) -> dict:
