@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.monotonic()
     manifest = verify_checkpoint(a.checkpoint, check_hashes=True)
-    load_toy_backbone(a.checkpoint)
+    bb = load_toy_backbone(a.checkpoint)
     size = sum(p.stat().st_size for p in a.checkpoint.rglob("*") if p.is_file())
     print(f"== checkpoint {a.checkpoint}: {len(manifest['files'])} files, sha256 all match manifest.json, loads "
           f"({time.monotonic() - t0:.1f} s); size {size / 2**20:.1f} MiB")
@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> dict:
         from pigeon_utils.toy.evaluate import caption_generation
         from pigeon_utils.toy.load import load_toy_clip
 
-        bb = load_toy_backbone(a.checkpoint)
         low = caption_generation(bb, load_toy_clip(a.checkpoint, bb.text_tokenizer), heldout_combos(cfg),
                                  cfg.gen_per_combo, seed=cfg.seed + 6, temperature=a.temperature)
         fig["caption_to_image_low_temperature"] = {k: v for k, v in low.items() if not k.startswith("_")}
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pigeon_utils.toy.evaluate import fresh_images, reference_embedding_probe
 
     ims, fs = fresh_images(_shuffled(all_combos(), cfg.seed + 11), 4000, cfg.seed + 11)
-    probe = reference_embedding_probe(load_toy_backbone(a.checkpoint), ims, fs, n_train=3000)
+    probe = reference_embedding_probe(bb, ims, fs, n_train=3000)
     fig["reference_embedding_probe"] = probe
     print(f"== what the reference embedding can carry (linear read-out of the detokenizer's mean output, 3,000 "
           f"fresh images, judged on 1,000 more): {_fmt(probe)}; chance: glyph / colour 12.5%, pattern 25%, stroke 50%"
