@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pigeon_utils.prompts import IdLayout
-from pigeon_utils.toy.build import IN_CONTEXT, BuildConfig, all_combos, document_captions, heldout_combos, \
+from pigeon_utils.toy.build import IN_CONTEXT, SMOKE, BuildConfig, all_combos, build_command, document_captions, heldout_combos, \
     semantics_pairs, style_documents
 from pigeon_utils.toy.lmm import document_segments
 from pigeon_utils.toy_data import EMOTION_GLYPH, GENRE_GLYPH, GLYPHS, ToyFactors, poster_semantics, \
@@ -76,3 +76,16 @@ def test_in_context_recipe_names_build_fields():
     fields = set(BuildConfig.__dataclass_fields__)
     assert set(IN_CONTEXT) <= fields and IN_CONTEXT["n_lmm_docs"] > 0
     assert BuildConfig().n_lmm_docs == 0 and BuildConfig().clip_semantics == 0.0  # the committed checkpoint's recipe
+
+
+def test_manifest_command_names_the_recipe():
+    from dataclasses import replace
+
+    base = "python -m pigeon_utils.toy.build --out ck --seed 0"
+    assert build_command("ck", BuildConfig()) == base
+    assert build_command("ck", BuildConfig(**IN_CONTEXT)) == base + " --in-context"
+    assert build_command("ck", replace(BuildConfig(**IN_CONTEXT), threads=1, lmm_doc_images=[3, 7])) \
+        == base + " --in-context --set threads=1"
+    assert build_command("ck", replace(BuildConfig(**IN_CONTEXT), clip_steps=5)).startswith(base + " --set ")
+    assert build_command("ck", replace(BuildConfig(seed=2, **SMOKE), figures=False, unet_channels=(8, 16))) \
+        == "python -m pigeon_utils.toy.build --out ck --seed 2 --smoke --no-figures --set unet_channels=[8,16]"

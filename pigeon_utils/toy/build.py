@@ -113,8 +113,25 @@ SMOKE = dict(smoke=True, threads=1, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldou
 # the LMM takes a sticker's style from the history (probe on the CPU), but caption -> image stays below its 85 %
 # bar (81.6 %), so it is not the committed checkpoint's recipe yet. `--in-context` builds with it.
 IN_CONTEXT = dict(n_lmm_pool=56000, n_lmm_docs=10000, lmm_doc_caption=0.5, lmm_row=256, lmm_batch=16, lmm_steps=1200,
-                  lmm_phase2_steps=900, lmm_phase2_lr=1e-3, lmm_phase2_docs=0.2, clip_semantics=0.25, clip_steps=320,
-                  dec_steps=1700)
+                  lmm_phase2_steps=900, lmm_phase2_lr=1e-3, lmm_phase2_docs=0.2, clip_semantics=0.25, clip_width=32,
+                  clip_steps=700, detok_feature_weight=1.0, dec_steps=1700)
+
+
+def build_command(out: Path, cfg: BuildConfig) -> str:
+    """The command line that builds `cfg` (recorded in the manifest): ``--in-context`` / ``--smoke`` when the
+    recipe has all of their fields, ``--set`` for every other field that differs from what they give."""
+    base, flags = BuildConfig(seed=cfg.seed), []
+    if all(getattr(cfg, k) == v for k, v in IN_CONTEXT.items()):
+        base, flags = replace(base, **IN_CONTEXT), flags + ["--in-context"]
+    if cfg.smoke:
+        base, flags = replace(base, **SMOKE), flags + ["--smoke"]
+    if not cfg.figures:
+        base, flags = replace(base, figures=False), flags + ["--no-figures"]
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (--set parses JSON lists)
+    sets = [f"{f.name}={json.dumps(norm(getattr(cfg, f.name)), separators=(',', ':'))}" for f in fields(cfg)
+            if norm(getattr(cfg, f.name)) != norm(getattr(base, f.name))]
+    return " ".join([f"python -m pigeon_utils.toy.build --out {out} --seed {cfg.seed}", *flags]
+                    + (["--set", *sets] if sets else []))
 
 
 def all_combos() -> list[tuple[str, str, str, str]]:
@@ -344,8 +361,7 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
 
     # ---- manifest (hashes), then figures from the files just written
     manifest = {
-        "seed": cfg.seed, "recipe": asdict(cfg), "command": f"python -m pigeon_utils.toy.build --out {out} "
-        f"--seed {cfg.seed}" + (" --smoke" if cfg.smoke else ""),
+        "seed": cfg.seed, "recipe": asdict(cfg), "command": build_command(out, cfg),
         "versions": {"torch": torch.__version__, "transformers": tf_version, "diffusers": _version("diffusers"),
                      "open_clip": _version("open_clip_torch"), "tokenizers": _version("tokenizers")},
         "layout": asdict(layout), "heldout_combos": [list(c) for c in held],
