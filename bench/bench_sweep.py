@@ -12,7 +12,8 @@ Both produce the same visual tokens (same per-row seeds). The arms alternate ``-
 of each counts (the machine is shared). Printed: seconds for the token stage (tokenization, masks,
 LMM, sampling), for decoding, and both ratios sweep / separate. Then ``run_sweep`` writes the sweep's images and the
 toy CLIP scores them: mean history CIS and reference CS per α_r (the paper's trade-off: CIS rises, CS falls as α_r
-grows). Everything goes to ``<out>/bench_sweep.json``.
+grows), with the toy factors that explain them (glyph and colour = the reference's, style = the history's).
+Everything goes to ``<out>/bench_sweep.json``.
 
     .venv/bin/python bench/bench_sweep.py [--sft runs/toy-movie/sft/best] [--scenario movie] [--samples 32]
                                           [--batch-size 4] [--checkpoint-dir checkpoints/toy] [--out runs/bench-sweep]
@@ -32,8 +33,9 @@ from pigeon_utils.backbone import load_backbone
 from pigeon_utils.data import open_dataset
 from pigeon_utils.inference import (InferenceConfig, SeededImageTokens, row_seed, run_sweep, sweep_batch,
                                     sweep_tokens)
-from pigeon_utils.scoring import load_clip, score_sweep
+from pigeon_utils.scoring import load_clip, score_sweep, sweep_factor_scores
 from pigeon_utils.sft import SFTConfig, load_sft_model, pretrained_model
+from pigeon_utils.toy.load import load_toy_clip
 
 
 def timed_pass(model, ds, samples, cfg: InferenceConfig,
@@ -121,9 +123,13 @@ def main() -> None:
     clip = load_clip("toy", run.checkpoint_dir, text_tokenizer=backbone.text_tokenizer)
     per = score_sweep(res.index, folder, ds, clip).per_ratio()
     print(f"\nrun_sweep with PNG files: {sweep_s:.1f} s. Mean scores per α_r ({clip.name}):")
-    print(f"{'α_r':>5s}{'history CIS':>13s}{'reference CS':>14s}")
-    for p in per:
-        print(f"{p['ref_mask_ratio']:>5.1f}{p['history_cis']:>13.2f}{p['reference_cs']:>14.2f}")
+    factors = sweep_factor_scores(res.index, folder, ds, load_toy_clip(run.checkpoint_dir, backbone.text_tokenizer))
+    print(f"{'α_r':>5s}{'history CIS':>13s}{'reference CS':>14s}{'glyph = ref':>13s}{'colour = ref':>14s}"
+          f"{'style = history':>17s}")
+    for p, f in zip(per, factors):
+        p["factors"] = {k: round(v, 4) for k, v in f.items() if k != "ref_mask_ratio"}
+        print(f"{p['ref_mask_ratio']:>5.1f}{p['history_cis']:>13.2f}{p['reference_cs']:>14.2f}{f['semantic']:>13.1%}"
+              f"{f['colour_vs_reference']:>14.1%}{f['style']:>17.1%}")
     report = {"model": label, "scenario": args.scenario, "samples": len(samples), "ratios": ratios,
               "batch_size": cfg.batch_size, "threads": torch.get_num_threads(), "timing": timing,
               "run_sweep_s": round(sweep_s, 2), "per_ratio": per}

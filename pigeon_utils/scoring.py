@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -189,6 +190,26 @@ def score_sweep(index: dict, folder: Path | str, ds, clip: ClipScorer, progress:
         cis[:, j] = history_cis(g, h).numpy()
         cs[:, j] = reference_cs(g, t).numpy()
     return SweepScores(index["split"], [float(r) for r in index["config"]["ref_mask_ratios"]], indices, cis, cs)
+
+
+def sweep_factor_scores(index: dict, folder: Path | str, ds, clip) -> list[dict]:
+    """Toy only: per α_r, the factor accuracies of a sweep's images (:func:`pigeon_utils.sft.factor_scores`:
+    ``style`` = a most frequent value among the history's, ``semantic`` = glyph equal to the reference's, and each
+    style factor vs the reference), read back by ``clip.predict_factors`` (the toy CLIP's zero-shot classifier).
+    They say *why* the CLIP scores move with α_r. Returns one dict per ratio, with ``ref_mask_ratio``."""
+    from pigeon_utils.inference import index_table, load_image
+    from pigeon_utils.sft import factor_scores
+
+    indices, keys = index_table(index)
+    if not indices:
+        raise ValueError(f"{folder}: the sweep index has no finished samples to score")
+    entries = [index["samples"][str(k)] for k in indices]
+    samples = [SimpleNamespace(history=e["history"], target=e["target"]) for e in entries]
+    out = []
+    for r, key in zip(index["config"]["ref_mask_ratios"], keys):
+        pred = clip.predict_factors(np.stack([load_image(folder, e["images"][key]["path"]) for e in entries]))
+        out.append({"ref_mask_ratio": float(r), **factor_scores(pred, ds, samples)})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- selection

@@ -106,3 +106,25 @@ def test_score_sweep_on_files(tmp_path):
     assert per[1]["history_cis"] == pytest.approx(70) and per[0]["reference_cs"] == pytest.approx(50)
     path = scores.save(tmp_path / "scores.json")
     assert SweepScores.from_dict(json.loads(path.read_text())).cis.tolist() == scores.cis.tolist()
+
+
+def test_sweep_factor_scores_per_ratio(tmp_path):
+    from PIL import Image
+
+    from pigeon_utils.scoring import sweep_factor_scores
+
+    f = lambda g, c: {"glyph": g, "colour": c, "pattern": "plain", "stroke": "filled"}
+    ds = SimpleNamespace(factors=[f("star", "red"), f("star", "red"), f("moon", "blue")], root=tmp_path)
+    samples = {"0": {"history": [0, 0, 0, 1, 1], "target": 2, "images": {}}}
+    pred = {(0, 0, 255): f("moon", "blue"), (255, 0, 0): f("star", "red")}  # the fake classifier: by colour
+    for r, c in (("0.00", (0, 0, 255)), ("1.00", (255, 0, 0))):
+        (tmp_path / r).mkdir()
+        Image.new("RGB", (4, 4), c).save(tmp_path / r / "0.png")
+        samples["0"]["images"][r] = {"path": f"{r}/0.png", "codes": []}
+    index = {"version": 1, "split": "test", "config": {"ref_mask_ratios": [0.0, 1.0]}, "samples": samples}
+    clip = SimpleNamespace(predict_factors=lambda ims: [pred[tuple(int(v) for v in im[0, 0])] for im in ims])
+    at0, at1 = sweep_factor_scores(index, tmp_path, ds, clip)
+    # α_r = 0 copies the reference (blue moon); α_r = 1 draws the history's red star
+    assert at0["ref_mask_ratio"] == 0.0 and at0["semantic"] == 1.0 and at0["colour_vs_reference"] == 1.0
+    assert at0["style"] == pytest.approx(2 / 3)  # pattern and stroke are the history's, colour is not
+    assert at1["semantic"] == 0.0 and at1["colour_vs_reference"] == 0.0 and at1["style"] == 1.0
