@@ -109,9 +109,10 @@ SMOKE = dict(smoke=True, threads=1, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldou
              lmm_phase2_steps=1, clip_semantics=0.25, detok_feature_weight=0.5, n_eval=16, gen_per_combo=2)
 
 # The in-context recipe (README, notebook-06 section): style documents in the LMM's pre-training (1,200 steps
-# with them, then 900 steps on captions and a fifth of them) and semantics texts in the toy CLIP's. After toy SFT
-# the LMM takes a sticker's style from the history (probe on the CPU), but caption -> image stays below its 85 %
-# bar (81.6 %), so it is not the committed checkpoint's recipe yet. `--in-context` builds with it.
+# with them, then 900 steps on captions and a fifth of them), a width-32 toy CLIP trained 700 steps with semantics
+# texts, and the detokenizer's feature term. Built in one command on 2 CPUs (2026-11-25): 34.2 min, caption -> image
+# 83.6 %, and after toy SFT this LMM did not read the history (a probe LMM of the same recipe with other random
+# draws did), so it is not the committed checkpoint's recipe. `--in-context` builds with it.
 IN_CONTEXT = dict(n_lmm_pool=56000, n_lmm_docs=10000, lmm_doc_caption=0.5, lmm_row=256, lmm_batch=16, lmm_steps=1200,
                   lmm_phase2_steps=900, lmm_phase2_lr=1e-3, lmm_phase2_docs=0.2, clip_semantics=0.25, clip_width=32,
                   clip_steps=700, detok_feature_weight=1.0, dec_steps=1700)
