@@ -166,18 +166,26 @@ class SweepScores:
         return Path(path)
 
 
+def _finished(index: dict, folder: Path | str) -> tuple[list[int], list[str], list[dict]]:
+    """A sweep index's finished samples (split indices, sorted), its ratio keys and the samples' entries; raises
+    when no sample is finished."""
+    from pigeon_utils.inference import index_table
+
+    indices, keys = index_table(index)
+    if not indices:
+        raise ValueError(f"{folder}: the sweep index has no finished samples to score")
+    return indices, keys, [index["samples"][str(k)] for k in indices]
+
+
 def score_sweep(index: dict, folder: Path | str, ds, clip: ClipScorer, progress: bool = False) -> SweepScores:
     """History CIS and reference CS of every image of a sweep (:func:`pigeon_utils.inference.run_sweep`'s index and
     folder). History features are computed once per image id; the text is the target's ``ds.semantics``."""
     from tqdm.auto import tqdm
 
-    from pigeon_utils.inference import index_table, load_image
+    from pigeon_utils.inference import load_image
 
     folder = Path(folder)
-    indices, keys = index_table(index)
-    if not indices:
-        raise ValueError(f"{folder}: the sweep index has no finished samples to score")
-    entries = [index["samples"][str(k)] for k in indices]
+    indices, keys, entries = _finished(index, folder)
     hist_iids = sorted({i for e in entries for i in e["history"]})
     hfeat = clip.image_features([ds.load_image(i) for i in hist_iids])
     row = {iid: j for j, iid in enumerate(hist_iids)}
@@ -197,13 +205,10 @@ def sweep_factor_scores(index: dict, folder: Path | str, ds, clip) -> list[dict]
     ``style`` = a most frequent value among the history's, ``semantic`` = glyph equal to the reference's, and each
     style factor vs the reference), read back by ``clip.predict_factors`` (the toy CLIP's zero-shot classifier).
     They say *why* the CLIP scores move with α_r. Returns one dict per ratio, with ``ref_mask_ratio``."""
-    from pigeon_utils.inference import index_table, load_image
+    from pigeon_utils.inference import load_image
     from pigeon_utils.sft import factor_scores
 
-    indices, keys = index_table(index)
-    if not indices:
-        raise ValueError(f"{folder}: the sweep index has no finished samples to score")
-    entries = [index["samples"][str(k)] for k in indices]
+    _, keys, entries = _finished(index, folder)
     samples = [SimpleNamespace(history=e["history"], target=e["target"]) for e in entries]
     out = []
     for r, key in zip(index["config"]["ref_mask_ratios"], keys):
