@@ -87,9 +87,13 @@ def test_smoke_build_writes_every_file_and_loads(smoke_dir):
         assert (smoke_dir / rel).is_file(), rel
     manifest = json.loads((smoke_dir / "manifest.json").read_text())
     assert manifest["seed"] == 0 and manifest["recipe"]["smoke"] is True
-    assert set(manifest["figures"]) == {"clip_zero_shot", "round_trip", "caption_to_image"}
-    lmm = manifest["train_stats"]["lmm"]  # SMOKE runs both LMM phases
+    assert set(manifest["figures"]) == {"clip_zero_shot", "round_trip", "caption_to_image", "in_context_copy"}
+    assert 0.0 <= manifest["figures"]["in_context_copy"]["probability"] <= 1.0
+    lmm = manifest["train_stats"]["lmm"]  # SMOKE runs every LMM phase
     assert (lmm["steps"], lmm["phase2"]["steps"]) == (SMOKE["lmm_steps"], SMOKE["lmm_phase2_steps"])
+    copy = lmm["copy"]  # the copy phase checks its probe every lmm_copy_max_steps (2) steps here
+    assert copy["alone"]["steps"] == SMOKE["lmm_copy_max_steps"] and len(copy["alone"]["checks"]) == 1
+    assert copy["mixed"]["steps"] == SMOKE["lmm_copy_mix_steps"] and 0.0 <= copy["mixed"]["copy_probability"] <= 1
     bb = load_backbone("toy", smoke_dir)
     lay = bb.layout
     assert (lay.img_id, lay.emb_id, lay.visual_offset) == (len(bb.text_tokenizer) - 2, len(bb.text_tokenizer) - 1,

@@ -1,6 +1,8 @@
 """Style documents for the toy LMM (in-context style) and the semantics texts the toy CLIP can learn."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,6 +22,59 @@ def test_document_segment_layout():
     (seg,) = document_segments([codes], [caps], LAYOUT)
     img, end, v = LAYOUT.img_id, LAYOUT.emb_id, LAYOUT.visual_offset
     assert seg.tolist() == [10, 11, img, v + 0, v + 5, end, img, v + 1, end, 12, img, v + 3, v + 4, v + 7, end]
+
+
+def test_document_segments_can_be_delimited():
+    codes = [torch.tensor([0]), torch.tensor([3, 4])]
+    (seg,) = document_segments([codes], [[None, [12]]], LAYOUT, bos_id=1, eos_id=2)
+    img, end, v = LAYOUT.img_id, LAYOUT.emb_id, LAYOUT.visual_offset
+    assert seg.tolist() == [1, img, v + 0, end, 12, img, v + 3, v + 4, end, 2]
+
+
+def test_train_lmm_stops_when_its_check_reaches_the_target():
+    from pigeon_utils.toy.lmm import make_llama, train_lmm
+
+    torch.manual_seed(0)
+    lmm = make_llama(LAYOUT.vocab_size, LAYOUT, hidden=16, layers=1, heads=2, intermediate=32)
+    values = iter([0.2, 0.5, 0.95, 0.99])
+    segs = [torch.randint(0, LAYOUT.vocab_size, (20,)) for _ in range(8)]
+    out = train_lmm(lmm, segs, steps=10, batch=2, row_len=16, lr=1e-3, gen=torch.Generator().manual_seed(0),
+                    progress=False, check=lambda: next(values), check_every=2, stop_at=0.9)
+    assert out["steps"] == 6 and out["checks"] == [[2, 0.2], [4, 0.5], [6, 0.95]]
+    assert not lmm.training
+    assert "checks" not in train_lmm(lmm, segs, 2, 2, 16, 1e-3, torch.Generator().manual_seed(0), progress=False)
+
+
+class _Fixed(torch.nn.Module):
+    """A fake LMM whose next-token logits are one-hot at a fixed id (whatever the prompt)."""
+
+    def __init__(self, token: int, vocab: int):
+        super().__init__()
+        self.token, self.vocab, self.device = token, vocab, torch.device("cpu")
+
+    def forward(self, input_ids, attention_mask):
+        logits = torch.full((*input_ids.shape, self.vocab), -30.0)
+        logits[..., self.token] = 30.0
+        assert attention_mask.shape == input_ids.shape and bool(attention_mask[:, -1].all())
+        return type("Out", (), {"logits": logits})()
+
+
+def test_copy_probes_ask_for_the_image_token_the_context_shares():
+    from pigeon_utils.toy.evaluate import context_copy, copy_probes
+    from pigeon_utils.toy.load import load_toy_backbone
+
+    bb = load_toy_backbone(Path(__file__).resolve().parents[1] / "checkpoints" / "toy")
+    combos = [("star", "red", "dots", "filled"), ("circle", "blue", "plain", "outline")]
+    prompts, targets = copy_probes(bb.tokenizer, bb.text_tokenizer, bb.layout, combos, 3, seed=0)
+    lay = bb.layout
+    for p, t in zip(prompts, targets.tolist()):
+        assert p[0] == bb.text_tokenizer.bos_token_id and p[-1] == lay.img_id
+        firsts = [p[i + 1] for i, x in enumerate(p[:-1]) if x == lay.img_id]  # each context image's first token
+        assert len(firsts) == 3 and set(firsts) == {t}  # same style -> the same image token as the target's
+    assert targets[0] != targets[1]
+    vocab = lay.vocab_size
+    assert context_copy(_Fixed(int(targets[0]), vocab), prompts[:1], targets[:1], lay.pad_id) == pytest.approx(1.0)
+    assert context_copy(_Fixed(int(targets[0]), vocab), prompts, targets, lay.pad_id, batch=1) == pytest.approx(0.5)
 
 
 def test_document_segments_refuse_a_caption_count_mismatch():
@@ -72,8 +127,8 @@ def test_semantics_texts_are_the_datasets_forms():
 
 def test_in_context_recipe_names_build_fields():
     fields = set(BuildConfig.__dataclass_fields__)
-    assert set(IN_CONTEXT) <= fields and IN_CONTEXT["n_lmm_docs"] > 0
-    assert BuildConfig().n_lmm_docs == 0 and BuildConfig().clip_semantics == 0.0  # the committed checkpoint's recipe
+    assert set(IN_CONTEXT) <= fields and IN_CONTEXT["lmm_copy_docs"] > 0
+    assert BuildConfig().lmm_copy_docs == 0 and BuildConfig().clip_semantics == 0.0  # the committed checkpoint's recipe
 
 
 def test_manifest_command_names_the_recipe():

@@ -94,6 +94,20 @@ class BuildConfig:
     lmm_phase2_steps: int = 0
     lmm_phase2_lr: float = 1e-3
     lmm_phase2_docs: float = 0.2
+    # the copy phase (0 documents = none, the committed checkpoint), after the phases above: `lmm_copy_docs`
+    # uncaptioned documents, each delimited by <s> … </s>, whose images share their style exactly, alone until the
+    # in-context copy probe (evaluate.context_copy) reaches `lmm_copy_target` (checked every 100 steps, at most
+    # `lmm_copy_max_steps`); then `lmm_copy_mix_steps` on them plus the first `lmm_copy_mix_captions` caption
+    # segments, which brings caption -> image back. See IN_CONTEXT.
+    lmm_copy_docs: int = 0
+    lmm_copy_max_steps: int = 1200
+    lmm_copy_lr: float = 2e-3
+    lmm_copy_target: float = 0.9
+    lmm_copy_mix_steps: int = 600
+    lmm_copy_mix_lr: float = 1e-3
+    lmm_copy_mix_captions: int = 20000
+    lmm_copy_row: int = 256  # documents are longer than a caption pair: rows that hold two or three of them
+    lmm_copy_batch: int = 16
     lmm_init_from_codes: bool = True  # visual embeddings start from the code table (init_visual_embeddings)
     p_caption_first: float = 0.9
     # figures
@@ -106,16 +120,18 @@ SMOKE = dict(smoke=True, threads=1, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldou
              n_shapes=4, clip_width=8, clip_steps=2, clip_batch=8, vae_hidden=16, vae_steps=2, vae_batch=8,
              detok_dim=16, unet_channels=(16, 32), dec_steps=2, dec_batch=8, decode_steps=2, lmm_hidden=32,
              lmm_layers=1, lmm_heads=2, lmm_intermediate=64, lmm_steps=2, lmm_batch=4, lmm_row=64, n_lmm_docs=8,
-             lmm_phase2_steps=1, clip_semantics=0.25, detok_feature_weight=0.5, n_eval=16, gen_per_combo=2)
+             lmm_phase2_steps=1, clip_semantics=0.25, detok_feature_weight=0.5, n_eval=16, gen_per_combo=2,
+             lmm_copy_docs=8, lmm_copy_max_steps=2, lmm_copy_mix_steps=1, lmm_copy_mix_captions=16, lmm_copy_row=64,
+             lmm_copy_batch=4)
 
-# The in-context recipe (README, notebook-06 section): style documents in the LMM's pre-training (1,200 steps
-# with them, then 900 steps on captions and a fifth of them), a width-32 toy CLIP trained 700 steps with semantics
-# texts, and the detokenizer's feature term. Built in one command on 2 CPUs (2026-11-25): 34.2 min, caption -> image
-# 83.6 %, and after toy SFT this LMM did not read the history (a probe LMM of the same recipe with other random
-# draws did), so it is not the committed checkpoint's recipe. `--in-context` builds with it.
-IN_CONTEXT = dict(n_lmm_pool=56000, n_lmm_docs=10000, lmm_doc_caption=0.5, lmm_row=256, lmm_batch=16, lmm_steps=1200,
-                  lmm_phase2_steps=900, lmm_phase2_lr=1e-3, lmm_phase2_docs=0.2, clip_semantics=0.25, clip_width=32,
-                  clip_steps=700, detok_feature_weight=1.0, dec_steps=1700)
+# The in-context recipe (README, notebook-06 section): the committed LMM recipe followed by the copy phase (3,000
+# documents), a width-32 toy CLIP trained 700 steps with semantics texts, and the detokenizer's feature term. Probes
+# of 2026-11-25: toy SFT on an LMM with the copy phase takes the colour from the history at α_r = 1 (100 % of 48
+# test samples on toy-sticker, vs 10 % without). Not the committed checkpoint's recipe: it adds about 10 minutes
+# to the build (see README). `--in-context` builds with it. (The earlier recipe, captioned style documents in two
+# phases, taught the LMM to copy a context image's caption, not its visual tokens.)
+IN_CONTEXT = dict(lmm_copy_docs=3000, clip_semantics=0.25, clip_width=32, clip_steps=700, detok_feature_weight=1.0,
+                  dec_steps=1700)
 
 
 def build_command(out: Path, cfg: BuildConfig) -> str:
@@ -287,6 +303,8 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     lmm_ims, lmm_f = fresh_images(_shuffled(train_combos, cfg.seed + 3), cfg.n_lmm_pool, cfg.seed + 3)
     doc_ims, doc_f, doc_sizes = style_documents(train_combos, cfg.n_lmm_docs, tuple(cfg.lmm_doc_images),
                                                 cfg.lmm_doc_keep, cfg.seed + 8)
+    copy_ims, copy_f, copy_sizes = style_documents(train_combos, cfg.lmm_copy_docs, tuple(cfg.lmm_doc_images), 1.0,
+                                                   cfg.seed + 10)
     t = stage("render", t)
 
     # ---- 1. visual tokenizer
@@ -356,6 +374,9 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
         n_docs = int(round(cfg.lmm_phase2_docs * len(doc_segments)))
         lmm_stats["phase2"] = train_lmm(lmm, segments + doc_segments[:n_docs], cfg.lmm_phase2_steps, cfg.lmm_batch,
                                         cfg.lmm_row, cfg.lmm_phase2_lr, g, progress)
+    if cfg.lmm_copy_docs:
+        lmm_stats["copy"] = copy_phase(lmm, cfg, tokenizer, text_tok, layout, segments, copy_ims, copy_f,
+                                       copy_sizes, train_combos, g, progress)
     lmm.generation_config.pad_token_id = layout.pad_id
     lmm.save_pretrained(tmp / "language_model", safe_serialization=True)
     t = stage("LMM", t)
@@ -369,6 +390,7 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
         "train_stats": {"clip_loss": clip_loss, "vae_mse": vae_mse, "decoder_loss": dec_loss, "lmm": lmm_stats,
                         "n_pool_images": len(pool_ims), "n_lmm_images": len(lmm_ims),
                         "n_lmm_documents": len(doc_sizes), "n_document_images": len(doc_ims),
+                        "n_copy_documents": len(copy_sizes), "n_copy_document_images": len(copy_ims),
                         "n_clip_semantics_pairs": len(sem_idx)},
         "params": {"clip": _n_params(clip.model), "vae": _n_params(vae), "detokenizer": _n_params(detok),
                    "unet": _n_params(unet), "lmm": _n_params(lmm)},
@@ -393,9 +415,39 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     return manifest
 
 
+def copy_phase(lmm, cfg: BuildConfig, tokenizer, text_tok, layout, caption_segments, ims, factors, sizes,
+               train_combos, g: torch.Generator, progress: bool) -> dict:
+    """The LMM's copy phase (see BuildConfig): documents alone until the in-context copy probe reaches its
+    target, then documents and captions. An LMM trained on captions and captioned documents copies a context
+    image's style from its caption but not from its visual tokens; with uncaptioned documents mixed into
+    caption training, copying visual tokens had not emerged after 1,200 steps; with documents alone it emerges
+    within a few hundred (README, notebook-06 section)."""
+    from pigeon_utils.toy.evaluate import context_copy, copy_probes
+    from pigeon_utils.toy.lmm import document_segments, train_lmm
+
+    codes = tokenizer.tokenize(ims).codes
+    ends = np.cumsum(sizes).tolist()
+    docs = document_segments([codes[e - k: e] for e, k in zip(ends, sizes)],
+                             document_captions(factors, sizes, text_tok, 0.0, g), layout,
+                             bos_id=text_tok.bos_token_id, eos_id=text_tok.eos_token_id)
+    rng = np.random.default_rng(cfg.seed + 11)
+    probe_combos = [train_combos[i] for i in rng.choice(len(train_combos), min(128, len(train_combos)),
+                                                        replace=False)]
+    prompts, targets = copy_probes(tokenizer, text_tok, layout, probe_combos, 4, cfg.seed + 11)
+    check = lambda: context_copy(lmm, prompts, targets, layout.pad_id)  # noqa: E731
+    alone = train_lmm(lmm, docs, cfg.lmm_copy_max_steps, cfg.lmm_copy_batch, cfg.lmm_copy_row, cfg.lmm_copy_lr, g,
+                      progress, check=check, check_every=min(100, cfg.lmm_copy_max_steps),
+                      stop_at=cfg.lmm_copy_target)
+    mixed = train_lmm(lmm, docs + list(caption_segments[: cfg.lmm_copy_mix_captions]), cfg.lmm_copy_mix_steps,
+                      cfg.lmm_copy_batch, cfg.lmm_copy_row, cfg.lmm_copy_mix_lr, g, progress)
+    mixed["copy_probability"] = round(check(), 4)
+    return {"alone": alone, "mixed": mixed}
+
+
 def compute_figures(folder: Path, cfg: BuildConfig) -> dict:
     """The "Must show" figures of a checkpoint folder (see :mod:`pigeon_utils.toy.evaluate`)."""
-    from pigeon_utils.toy.evaluate import caption_generation, clip_accuracy, fresh_images, public, round_trip
+    from pigeon_utils.toy.evaluate import (caption_generation, clip_accuracy, context_copy, copy_probes, fresh_images,
+                                           public, round_trip)
     from pigeon_utils.toy.load import load_toy_backbone, load_toy_clip
 
     bb = load_toy_backbone(folder, check_hashes=False)
@@ -405,6 +457,10 @@ def compute_figures(folder: Path, cfg: BuildConfig) -> dict:
            "round_trip": public(round_trip(bb, clip, eval_ims, eval_f, seed=cfg.seed + 5))}
     fig["caption_to_image"] = public(caption_generation(bb, clip, heldout_combos(cfg), cfg.gen_per_combo,
                                                         seed=cfg.seed + 6))
+    prompts, targets = copy_probes(bb.tokenizer, bb.text_tokenizer, bb.layout, heldout_combos(cfg), 4,
+                                   cfg.seed + 12)
+    fig["in_context_copy"] = {"n_prompts": len(prompts), "n_context": 4,
+                              "probability": context_copy(bb.lmm, prompts, targets, bb.layout.pad_id)}
     return fig
 
 

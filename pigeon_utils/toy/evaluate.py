@@ -6,6 +6,9 @@
 * :func:`round_trip` — image -> tokens -> detokenizer -> pixel decoder, judged by the toy CLIP; token-count stats.
 * :func:`caption_generation` — caption -> visual tokens with the pre-trained LMM (under the backbone's logits
   processor) -> image, on caption combinations held out of the LMM's pre-training.
+* :func:`context_copy` with :func:`copy_probes` — the in-context skill: after a few uncaptioned images in one
+  style and ``a <glyph> [IMG]``, the probability the LMM gives to the image token those images share (their
+  colour and background). Toy SFT reads the user's history when this is high (README, notebook-06 section).
 * :func:`reference_embedding_probe` — a diagnostic, not a bar: how much of each factor a linear read-out finds in
   the detokenizer's mean output, which Pigeon's adapter turns into the reference embedding E.
 """
@@ -73,6 +76,47 @@ def caption_generation(backbone, clip: ToyClip, combos: Sequence[tuple[str, str,
     return {"n_images": len(codes), "n_combos": len(combos), "accuracy": acc,
             "tokens_per_image": {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())},
             "sampling": {"top_k": top_k, "temperature": temperature}, "_images": images, "_captions": captions}
+
+
+def copy_probes(tokenizer, text_tok, layout, combos: Sequence[tuple[str, str, str, str]], n_context: int,
+                seed: int) -> tuple[list[list[int]], torch.Tensor]:
+    """One prompt per combination (glyph, colour, pattern, stroke): ``<s>``, `n_context` uncaptioned images in its
+    style with other glyphs, then ``a <glyph> [IMG]``; and the LMM id of the image token of an image of the
+    combination itself (the toy's image token is background tile × colour, so the context images share it)."""
+    from pigeon_utils.toy.lmm import image_span
+    from pigeon_utils.toy_data import GLYPHS, random_factors, render
+
+    rng = np.random.default_rng(seed)
+    glyphs = list(GLYPHS)
+    fs = []
+    for g, c, p, s in combos:  # one prompt per combination: its context images, then the combination itself
+        others = [x for x in glyphs if x != g]
+        fs += [random_factors(rng, others[int(rng.integers(len(others)))], c, p, s) for _ in range(n_context)]
+        fs.append(random_factors(rng, g, c, p, s))
+    codes = tokenizer.tokenize(np.stack([np.asarray(render(f)) for f in fs])).codes
+    prompts, targets, k = [], [], n_context + 1
+    for i, (g, *_style) in enumerate(combos):
+        ctx = torch.cat([image_span(c, layout) for c in codes[i * k: i * k + n_context]]).tolist()
+        prompts.append([text_tok.bos_token_id] + ctx + text_tok(f"a {g}", add_special_tokens=False)["input_ids"]
+                       + [layout.img_id])
+        targets.append(int(codes[i * k + n_context][0]) + layout.visual_offset)
+    return prompts, torch.tensor(targets)
+
+
+@torch.no_grad()
+def context_copy(model, prompts: Sequence[Sequence[int]], targets: torch.Tensor, pad_id: int,
+                 batch: int = 64) -> float:
+    """Mean probability of ``targets[i]`` as the next token after ``prompts[i]`` (left-padded batches)."""
+    probs = []
+    for i in range(0, len(prompts), batch):
+        chunk = [list(p) for p in prompts[i:i + batch]]
+        t = max(map(len, chunk))
+        ids = torch.tensor([[pad_id] * (t - len(p)) + p for p in chunk], device=model.device)
+        attn = (torch.arange(t)[None] >= torch.tensor([t - len(p) for p in chunk])[:, None]).long().to(ids.device)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, -1].float()
+        tgt = targets[i:i + batch].to(logits.device)
+        probs.append(logits.softmax(-1).gather(1, tgt[:, None])[:, 0].cpu())
+    return float(torch.cat(probs).mean())
 
 
 def linear_probe_accuracy(x: torch.Tensor, labels: torch.Tensor, n_train: int, steps: int = 300,

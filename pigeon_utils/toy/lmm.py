@@ -131,23 +131,26 @@ def pretraining_segments(codes: Sequence[Tensor], caption_ids: Sequence[Sequence
 
 
 def document_segments(doc_codes: Sequence[Sequence[Tensor]], doc_captions: Sequence[Sequence[Sequence[int] | None]],
-                      layout: IdLayout) -> list[Tensor]:
+                      layout: IdLayout, bos_id: int | None = None, eos_id: int | None = None) -> list[Tensor]:
     """One segment per *style document* — a few images that share most of their style, like the image sets of
     LaVIT's interleaved pre-training data. Each image is ``[caption] [IMG] v … [/IMG]``, its caption ids taken from
     `doc_captions` (None: no caption). The build captions some context images in full and the last image with its
     glyph only, so the last image's style is in no text, only in the images before it: the LMM learns to read
-    style from its visual context — what Pigeon's history needs.
+    style from its visual context — what Pigeon's history needs. With `bos_id` / `eos_id` a document starts with
+    ``<s>`` and ends with ``</s>``, so packed rows show where it begins.
     """
+    head = [torch.tensor([bos_id])] if bos_id is not None else []
+    tail = [torch.tensor([eos_id])] if eos_id is not None else []
     out = []
     for codes, caps in zip(doc_codes, doc_captions):  # one per document
         if len(codes) != len(caps):
             raise ValueError(f"document_segments: {len(codes)} images but {len(caps)} captions in one document")
-        parts = []
+        parts = list(head)
         for c, w in zip(codes, caps):
             if w is not None:
                 parts.append(torch.as_tensor(w, dtype=torch.long))
             parts.append(image_span(c, layout))
-        out.append(torch.cat(parts))
+        out.append(torch.cat(parts + tail))
     return out
 
 
@@ -160,9 +163,11 @@ def packed_rows(segments: Sequence[Tensor], row_len: int, gen: torch.Generator) 
 
 
 def train_lmm(model, segments: Sequence[Tensor], steps: int, batch: int, row_len: int, lr: float,
-              gen: torch.Generator, progress: bool = True, time_budget_s: float | None = None) -> dict:
+              gen: torch.Generator, progress: bool = True, time_budget_s: float | None = None,
+              check=None, check_every: int = 100, stop_at: float | None = None) -> dict:
     """Next-token pre-training on packed rows (AdamW, warm-up then cosine decay). Stops early when
-    `time_budget_s` runs out. Returns ``{"steps", "tokens", "loss"}``."""
+    `time_budget_s` runs out, or when ``check()`` (called in eval mode every `check_every` steps, its values kept
+    under ``"checks"`` as [step, value]) reaches `stop_at`. Returns ``{"steps", "tokens", "loss"[, "checks"]}``."""
     import time
 
     from tqdm.auto import tqdm
@@ -173,6 +178,7 @@ def train_lmm(model, segments: Sequence[Tensor], steps: int, batch: int, row_len
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
     model.train()
     rows, cursor, done, loss_ema = packed_rows(segments, row_len, gen), 0, 0, float("nan")
+    checks: list[list] = []
     t0 = time.monotonic()
     bar = tqdm(range(steps), desc="toy LMM", disable=not progress, mininterval=2)
     for step in bar:
@@ -192,8 +198,15 @@ def train_lmm(model, segments: Sequence[Tensor], steps: int, batch: int, row_len
             bar.set_postfix(loss=f"{loss_ema:.3f}")
         if time_budget_s is not None and time.monotonic() - t0 > time_budget_s:
             break
+        if check is not None and done % check_every == 0:
+            model.eval()
+            checks.append([done, round(float(check()), 4)])
+            model.train()
+            if stop_at is not None and checks[-1][1] >= stop_at:
+                break
     model.eval()
-    return {"steps": done, "tokens": done * batch * row_len, "loss": loss_ema}
+    out = {"steps": done, "tokens": done * batch * row_len, "loss": loss_ema}
+    return {**out, "checks": checks} if check is not None else out
 
 
 @torch.no_grad()
