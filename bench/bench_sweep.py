@@ -16,7 +16,8 @@ grows), with the toy factors that explain them (glyph and colour = the reference
 Everything goes to ``<out>/bench_sweep.json``.
 
     .venv/bin/python bench/bench_sweep.py [--sft runs/toy-movie/sft/best] [--scenario movie] [--samples 32]
-                                          [--batch-size 4] [--checkpoint-dir checkpoints/toy] [--out runs/bench-sweep]
+                                          [--batch-size 4] [--checkpoint-dir checkpoints/toy] [--data-dir DIR]
+                                          [--out runs/bench-sweep]
 """
 from __future__ import annotations
 
@@ -77,11 +78,12 @@ def main() -> None:
     ap.add_argument("--num-beams", type=int, default=1, help="1: plain sampling (default); 4: the reference's "
                                                              "beam-sample")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per arm (the minimum counts)")
+    ap.add_argument("--data-dir", default=None, help="the scenario's dataset folder (default dataset/toy-<...>)")
     ap.add_argument("--out", default="runs/bench-sweep")
     args = ap.parse_args()
 
     run = config.resolve(preset="toy", scenario=args.scenario, run_dir=args.out, checkpoint_dir=args.checkpoint_dir,
-                         device="cpu")
+                         data_dir=args.data_dir, device="cpu")
     backbone = load_backbone("toy", run.checkpoint_dir)
     if args.sft:
         model, label = load_sft_model(backbone, args.sft), f"SFT ({args.sft})"
