@@ -210,6 +210,19 @@ def document_captions(factors, sizes: list[int], text_tok, p_caption: float, gen
     return out
 
 
+def document_ids(tokenizer, text_tok, layout, ims, factors, sizes: list[int], p_caption: float,
+                 g: torch.Generator, delimit: bool = False) -> list:
+    """Style documents (:func:`style_documents`) as LMM id segments: their images tokenized, split per document and
+    captioned (:func:`document_captions`); with `delimit`, each between ``<s>`` and ``</s>``."""
+    from pigeon_utils.toy.lmm import document_segments
+
+    codes = tokenizer.tokenize(ims).codes if len(ims) else []
+    ends = np.cumsum(sizes).tolist()
+    delims = dict(bos_id=text_tok.bos_token_id, eos_id=text_tok.eos_token_id) if delimit else {}
+    return document_segments([codes[e - k: e] for e, k in zip(ends, sizes)],
+                             document_captions(factors, sizes, text_tok, p_caption, g), layout, **delims)
+
+
 def semantics_pairs(factors: list[dict], fraction: float, seed: int) -> tuple[np.ndarray, list[str]]:
     """A random `fraction` of the pool's images (indices) with one of the toy semantics texts of their glyph, so
     the toy CLIP also knows the texts reference CS compares generated images with."""
@@ -268,8 +281,7 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     from pigeon_utils.toy.detokenizer import ToyDetokenizer, ToyDetokenizerConfig
     from pigeon_utils.toy.evaluate import fresh_images
     from pigeon_utils.toy.io import sha256, write_json
-    from pigeon_utils.toy.lmm import (document_segments, init_visual_embeddings, make_llama, pretraining_segments,
-                                      train_lmm)
+    from pigeon_utils.toy.lmm import init_visual_embeddings, make_llama, pretraining_segments, train_lmm
     from pigeon_utils.toy.text import build_text_tokenizer, layout_for, toy_text_corpus
     from pigeon_utils.toy.tokenizer import ToyTokenizerConfig, ToyVisualTokenizer
     from pigeon_utils.toy_data import ToyFactors
@@ -360,11 +372,7 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     lmm_codes = tokenizer.tokenize(lmm_ims).codes
     cap_ids = text_tok([ToyFactors(**f).caption() for f in lmm_f], add_special_tokens=False)["input_ids"]
     segments = pretraining_segments(lmm_codes, cap_ids, layout, text_tok.eos_token_id, cfg.p_caption_first, g)
-    doc_codes = tokenizer.tokenize(doc_ims).codes if len(doc_ims) else []
-    ends = np.cumsum(doc_sizes).tolist()
-    docs = [doc_codes[e - k: e] for e, k in zip(ends, doc_sizes)]
-    doc_segments = document_segments(docs, document_captions(doc_f, doc_sizes, text_tok, cfg.lmm_doc_caption, g),
-                                     layout)
+    doc_segments = document_ids(tokenizer, text_tok, layout, doc_ims, doc_f, doc_sizes, cfg.lmm_doc_caption, g)
     lmm = make_llama(layout.vocab_size, layout, cfg.lmm_hidden, cfg.lmm_layers, cfg.lmm_heads, cfg.lmm_intermediate)
     if cfg.lmm_init_from_codes:
         init_visual_embeddings(lmm, layout, tokenizer.code_table(), g)
@@ -423,13 +431,9 @@ def copy_phase(lmm, cfg: BuildConfig, tokenizer, text_tok, layout, caption_segme
     caption training, copying visual tokens had not emerged after 1,200 steps; with documents alone it emerges
     within a few hundred (README, notebook-06 section)."""
     from pigeon_utils.toy.evaluate import context_copy, copy_probes
-    from pigeon_utils.toy.lmm import document_segments, train_lmm
+    from pigeon_utils.toy.lmm import train_lmm
 
-    codes = tokenizer.tokenize(ims).codes
-    ends = np.cumsum(sizes).tolist()
-    docs = document_segments([codes[e - k: e] for e, k in zip(ends, sizes)],
-                             document_captions(factors, sizes, text_tok, 0.0, g), layout,
-                             bos_id=text_tok.bos_token_id, eos_id=text_tok.eos_token_id)
+    docs = document_ids(tokenizer, text_tok, layout, ims, factors, sizes, 0.0, g, delimit=True)
     rng = np.random.default_rng(cfg.seed + 11)
     probe_combos = [train_combos[i] for i in rng.choice(len(train_combos), min(128, len(train_combos)),
                                                         replace=False)]

@@ -107,12 +107,11 @@ def copy_probes(tokenizer, text_tok, layout, combos: Sequence[tuple[str, str, st
 def context_copy(model, prompts: Sequence[Sequence[int]], targets: torch.Tensor, pad_id: int,
                  batch: int = 64) -> float:
     """Mean probability of ``targets[i]`` as the next token after ``prompts[i]`` (left-padded batches)."""
+    from pigeon_utils.toy.lmm import left_padded
+
     probs = []
     for i in range(0, len(prompts), batch):
-        chunk = [list(p) for p in prompts[i:i + batch]]
-        t = max(map(len, chunk))
-        ids = torch.tensor([[pad_id] * (t - len(p)) + p for p in chunk], device=model.device)
-        attn = (torch.arange(t)[None] >= torch.tensor([t - len(p) for p in chunk])[:, None]).long().to(ids.device)
+        ids, attn = left_padded(prompts[i:i + batch], pad_id, model.device)
         logits = model(input_ids=ids, attention_mask=attn).logits[:, -1].float()
         tgt = targets[i:i + batch].to(logits.device)
         probs.append(logits.softmax(-1).gather(1, tgt[:, None])[:, 0].cpu())

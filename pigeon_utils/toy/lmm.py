@@ -209,6 +209,14 @@ def train_lmm(model, segments: Sequence[Tensor], steps: int, batch: int, row_len
     return {**out, "checks": checks} if check is not None else out
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """Id prompts -> (ids [B, T] left-padded with `pad_id`, attention mask [B, T], 0 on the padding), on `device`."""
+    t = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (t - len(p)) + list(p) for p in prompts], device=device)
+    attn = (torch.arange(t)[None] >= torch.tensor([t - len(p) for p in prompts])[:, None]).long().to(device)
+    return ids, attn
+
+
 @torch.no_grad()
 def generate_images_codes(model, text_tokenizer, layout: IdLayout, grammar: ToyVisualGrammar,
                           captions: Sequence[str], gen_seed: int, top_k: int = 50, temperature: float = 1.0,
@@ -223,9 +231,8 @@ def generate_images_codes(model, text_tokenizer, layout: IdLayout, grammar: ToyV
     for i in range(0, len(captions), batch):
         prompts = [[text_tokenizer.bos_token_id] + text_tokenizer(c, add_special_tokens=False)["input_ids"]
                    + [layout.img_id] for c in captions[i:i + batch]]
-        t = max(map(len, prompts))
-        ids = torch.tensor([[layout.pad_id] * (t - len(p)) + p for p in prompts], device=model.device)
-        attn = (torch.arange(t)[None] >= torch.tensor([t - len(p) for p in prompts])[:, None]).long().to(ids.device)
+        ids, attn = left_padded(prompts, layout.pad_id, model.device)
+        t = ids.shape[1]
         seq = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=top_k,
                              temperature=temperature, max_new_tokens=max_new_tokens, eos_token_id=layout.emb_id,
                              pad_token_id=layout.pad_id, logits_processor=procs)[:, t:]
