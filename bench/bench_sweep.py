@@ -10,14 +10,15 @@ On the toy backbone on the CPU, for the same test samples, seed and batch size, 
 
 Both produce the same visual tokens (same per-row seeds). The arms alternate ``--repeats`` times and the fastest repeat
 of each counts (the machine is shared). Printed: seconds for the token stage (tokenization, masks,
-LMM, sampling), for decoding, and both ratios sweep / separate. Then ``run_sweep`` writes the sweep's images and the
-toy CLIP scores them: mean history CIS and reference CS per α_r (the paper's trade-off: CIS rises, CS falls as α_r
-grows), with the toy factors that explain them (glyph and colour = the reference's, style = the history's).
-Everything goes to ``<out>/bench_sweep.json``.
+LMM, sampling), for decoding, and both ratios sweep / separate (with the decoder of ``--num-beams``, plain sampling
+by default). Then, for each decoder of ``--tradeoff-beams`` (default: the reference's beam-sample, 4 beams, and plain
+sampling), ``run_sweep`` writes the sweep's images and the toy CLIP scores them: mean history CIS and reference CS
+per α_r (the paper's trade-off: CIS rises, CS falls as α_r grows), with the toy factors that explain them (glyph and
+colour = the reference's, style = the history's). Everything goes to ``<out>/bench_sweep.json``.
 
-    .venv/bin/python bench/bench_sweep.py [--sft runs/toy-movie/sft/best] [--scenario movie] [--samples 32]
-                                          [--batch-size 4] [--checkpoint-dir checkpoints/toy] [--data-dir DIR]
-                                          [--out runs/bench-sweep]
+    .venv/bin/python bench/bench_sweep.py [--sft runs/toy-sticker/sft/best] [--scenario sticker] [--samples 32]
+                                          [--batch-size 4] [--num-beams 1] [--tradeoff-beams 4 1]
+                                          [--checkpoint-dir checkpoints/toy] [--data-dir DIR] [--out runs/bench-sweep]
 """
 from __future__ import annotations
 
@@ -75,8 +76,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32, help="test samples")
     ap.add_argument("--batch-size", type=int, default=4, help="samples per LMM batch")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-beams", type=int, default=1, help="1: plain sampling (default); 4: the reference's "
-                                                             "beam-sample")
+    ap.add_argument("--num-beams", type=int, default=1, help="decoder of the timing: 1: plain sampling (default); "
+                                                             "4: the reference's beam-sample")
+    ap.add_argument("--tradeoff-beams", type=int, nargs="+", default=[4, 1],
+                    help="decoders whose trade-off is scored (beams per sample; default: beam-sample, then plain)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per arm (the minimum counts)")
     ap.add_argument("--data-dir", default=None, help="the scenario's dataset folder (default dataset/toy-<...>)")
     ap.add_argument("--out", default="runs/bench-sweep")
@@ -118,23 +121,30 @@ def main() -> None:
           f"images either way)")
     print(f"end to end:  ratio {timing['end_to_end_ratio']:.3f}")
 
-    folder = Path(args.out) / "inference" / "test"
-    t0 = time.perf_counter()
-    res = run_sweep(model, ds, "test", folder, cfg, max_samples=args.samples, model_label=label, resume=False)
-    sweep_s = time.perf_counter() - t0
     clip = load_clip("toy", run.checkpoint_dir, text_tokenizer=backbone.text_tokenizer)
-    per = score_sweep(res.index, folder, ds, clip).per_ratio()
-    print(f"\nrun_sweep with PNG files: {sweep_s:.1f} s. Mean scores per α_r ({clip.name}):")
-    factors = sweep_factor_scores(res.index, folder, ds, load_toy_clip(run.checkpoint_dir, backbone.text_tokenizer))
-    print(f"{'α_r':>5s}{'history CIS':>13s}{'reference CS':>14s}{'glyph = ref':>13s}{'colour = ref':>14s}"
-          f"{'style = history':>17s}")
-    for p, f in zip(per, factors):
-        p["factors"] = {k: round(v, 4) for k, v in f.items() if k != "ref_mask_ratio"}
-        print(f"{p['ref_mask_ratio']:>5.1f}{p['history_cis']:>13.2f}{p['reference_cs']:>14.2f}{f['semantic']:>13.1%}"
-              f"{f['colour_vs_reference']:>14.1%}{f['style']:>17.1%}")
+    judge = load_toy_clip(run.checkpoint_dir, backbone.text_tokenizer)
+    tradeoff = {}
+    for beams in args.tradeoff_beams:
+        tcfg = InferenceConfig.for_preset("toy", sampling={"num_beams": beams}, batch_size=args.batch_size,
+                                          seed=args.seed)
+        folder = Path(args.out) / "inference" / f"beams{beams}" / "test"
+        t0 = time.perf_counter()
+        res = run_sweep(model, ds, "test", folder, tcfg, max_samples=args.samples, model_label=label, resume=False)
+        sweep_s = time.perf_counter() - t0
+        per = score_sweep(res.index, folder, ds, clip).per_ratio()
+        decoder = "plain sampling" if beams == 1 else f"beam-sample, {beams} beams"
+        print(f"\n{decoder}: run_sweep with PNG files {sweep_s:.1f} s. Mean scores per α_r ({clip.name}):")
+        factors = sweep_factor_scores(res.index, folder, ds, judge)
+        print(f"{'α_r':>5s}{'history CIS':>13s}{'reference CS':>14s}{'glyph = ref':>13s}{'colour = ref':>14s}"
+              f"{'style = history':>17s}")
+        for p, f in zip(per, factors):
+            p["factors"] = {k: round(v, 4) for k, v in f.items() if k != "ref_mask_ratio"}
+            print(f"{p['ref_mask_ratio']:>5.1f}{p['history_cis']:>13.2f}{p['reference_cs']:>14.2f}"
+                  f"{f['semantic']:>13.1%}{f['colour_vs_reference']:>14.1%}{f['style']:>17.1%}")
+        tradeoff[f"beams{beams}"] = {"decoder": decoder, "run_sweep_s": round(sweep_s, 2), "per_ratio": per}
     report = {"model": label, "scenario": args.scenario, "samples": len(samples), "ratios": ratios,
-              "batch_size": cfg.batch_size, "threads": torch.get_num_threads(), "timing": timing,
-              "run_sweep_s": round(sweep_s, 2), "per_ratio": per}
+              "batch_size": cfg.batch_size, "num_beams": cfg.sampling.num_beams, "threads": torch.get_num_threads(),
+              "timing": timing, "tradeoff": tradeoff}
     out = Path(args.out) / "bench_sweep.json"
     out.write_text(json.dumps(report, indent=1))
     print("wrote", out)

@@ -173,6 +173,27 @@ def test_detokenizer_feature_term_trains_the_detokenizer_only_when_weighted(smok
         _train_detokenizer(smoke_dir, images, features[:10], weight=1.0, steps=1)
 
 
+def test_train_clip_channels_last_trains_and_saves_contiguous_weights(smoke_dir, tmp_path):
+    """`channels_last` (the build's `clip_channels_last`) trains in channels-last layout and hands back weights in
+    the default layout, which safetensors stores and which load back unchanged."""
+    from pigeon_utils.toy import clip as toy_clip
+    from pigeon_utils.toy.evaluate import fresh_images
+
+    images, fs = fresh_images([(g, "red", "plain", "filled") for g in ("star", "heart")], 8, seed=0)
+    captions = [ToyFactors(**f).caption() for f in fs]
+    clip = load_toy_clip(smoke_dir)
+    before = {k: v.clone() for k, v in clip.model.state_dict().items()}
+    toy_clip.train_clip(clip, torch.from_numpy(images), captions, steps=2, batch=4, lr=1e-3,
+                        gen=torch.Generator().manual_seed(0), progress=False, channels_last=True)
+    trained = clip.model.state_dict()
+    assert any(not torch.equal(before[k], trained[k]) for k in before)
+    assert all(t.is_contiguous() for t in trained.values())
+    model_cfg = json.loads((smoke_dir / "clip" / "open_clip_config.json").read_text())["model_cfg"]
+    clip.save_pretrained(tmp_path / "clip", model_cfg)
+    back = toy_clip.ToyClip.from_pretrained(tmp_path / "clip", clip.text_tokenizer).model.state_dict()
+    assert all(torch.equal(back[k], trained[k]) for k in back)
+
+
 def test_linear_probe_accuracy_finds_a_linear_factor_and_not_noise():
     from pigeon_utils.toy.evaluate import linear_probe_accuracy
 

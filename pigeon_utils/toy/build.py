@@ -12,12 +12,13 @@ datasets' images where ``--data`` has them):
    on that fraction of the images again with their semantics texts (the datasets' ``*_semantics`` forms, which
    reference CS compares generated images with);
 4. patch autoencoder (the toy "VAE"), then detokenizer + UNet trained together on the diffusion loss;
-5. LMM: Llama pre-training on packed caption<->image sequences, with ``n_lmm_docs`` > 0 (``--in-context``) also
-   on style documents (images sharing a style, the last one captioned with its glyph only: in-context style),
-   and with ``lmm_phase2_steps`` > 0 a second phase on captions and a fraction of the documents;
+5. LMM: Llama pre-training on packed caption<->image sequences; with ``lmm_copy_docs`` > 0 (``--in-context``)
+   then the *copy phase* (:func:`copy_phase`: uncaptioned same-style documents, after which it copies a style from
+   its visual context, as Pigeon needs it to read a history). Optional and off in both recipes: captioned style
+   documents mixed into the main phase (``n_lmm_docs``) and a second phase (``lmm_phase2_steps``).
    ``n_heldout_combos`` of the 512 factor combinations never appear in it (they are the generation test);
-6. figures (CLIP accuracy, round trip, caption -> image on held-out combinations), recorded in ``manifest.json``
-   with the recipe, the library versions and each file's sha256.
+6. figures (CLIP accuracy, round trip, caption -> image on held-out combinations, in-context copy), recorded in
+   ``manifest.json`` with the recipe, the library versions and each file's sha256.
 
 Everything is written to a temporary folder beside ``--out`` and renamed into place at the end, so an interrupted
 build never leaves a half-written checkpoint.
@@ -65,6 +66,7 @@ class BuildConfig:
     clip_batch: int = 128
     clip_lr: float = 2e-3
     clip_semantics: float = 0.0  # fraction of pool images added again with a semantics text (what CS compares with)
+    clip_channels_last: bool = False  # channels-last convolutions (faster on CPU; off: the committed checkpoint's)
     # VAE, detokenizer, UNet
     latent_channels: int = 16
     vae_hidden: int = 128
@@ -122,16 +124,17 @@ SMOKE = dict(smoke=True, threads=1, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldou
              lmm_layers=1, lmm_heads=2, lmm_intermediate=64, lmm_steps=2, lmm_batch=4, lmm_row=64, n_lmm_docs=8,
              lmm_phase2_steps=1, clip_semantics=0.25, detok_feature_weight=0.5, n_eval=16, gen_per_combo=2,
              lmm_copy_docs=8, lmm_copy_max_steps=2, lmm_copy_mix_steps=1, lmm_copy_mix_captions=16, lmm_copy_row=64,
-             lmm_copy_batch=4)
+             lmm_copy_batch=4, clip_channels_last=True)
 
-# The in-context recipe (README, notebook-06 section): the committed LMM recipe followed by the copy phase (3,000
-# documents), a width-32 toy CLIP trained 700 steps with semantics texts, and the detokenizer's feature term. Probes
-# of 2026-11-25: toy SFT on an LMM with the copy phase takes the colour from the history at α_r = 1 (100 % of 48
-# test samples on toy-sticker, vs 10 % without). Not the committed checkpoint's recipe: it adds about 10 minutes
-# to the build (see README). `--in-context` builds with it. (The earlier recipe, captioned style documents in two
-# phases, taught the LMM to copy a context image's caption, not its visual tokens.)
-IN_CONTEXT = dict(lmm_copy_docs=3000, clip_semantics=0.25, clip_width=32, clip_steps=700, detok_feature_weight=1.0,
-                  dec_steps=1700)
+# The in-context recipe (README, notebook-06 section): the LMM's main phase on caption -> image segments only, then
+# the copy phase (3,000 documents alone until the copy probe reaches 0.9, then 250 steps mixed with all caption
+# segments); a toy CLIP also trained on the semantics texts reference CS compares with; the detokenizer's feature
+# term (E carries the glyph); fewer VAE and decoder steps, so that the whole build fits the 30-minute budget (see
+# docs/toy-tradeoff-journal.md for the builds that tuned it). `--in-context` builds with it. With the copy phase,
+# toy SFT takes the style from the history (colour at α_r = 1: 100 % of 48 test samples, 10 % without).
+IN_CONTEXT = dict(lmm_copy_docs=3000, p_caption_first=1.0, lmm_steps=2000, lmm_copy_mix_steps=250,
+                  lmm_copy_mix_captions=80000, clip_semantics=0.25, clip_steps=550, clip_channels_last=True,
+                  detok_feature_weight=1.0, dec_steps=1400)
 
 
 def build_command(out: Path, cfg: BuildConfig) -> str:
@@ -338,7 +341,8 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     pool_caps = [ToyFactors(**f).caption() for f in pool_f]
     sem_idx, sem_texts = semantics_pairs(pool_f, cfg.clip_semantics, cfg.seed + 9)
     clip_loss = toy_clip.train_clip(clip, torch.from_numpy(np.concatenate([pool_ims, pool_ims[sem_idx]])),
-                                    pool_caps + sem_texts, cfg.clip_steps, cfg.clip_batch, cfg.clip_lr, g, progress)
+                                    pool_caps + sem_texts, cfg.clip_steps, cfg.clip_batch, cfg.clip_lr, g, progress,
+                                    channels_last=cfg.clip_channels_last)
     clip.save_pretrained(tmp / "clip", clip_cfg)
     t = stage("toy CLIP", t)
 
@@ -490,7 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and step counts (seconds), same code path")
     ap.add_argument("--no-figures", action="store_true", help="skip the evaluation figures")
     ap.add_argument("--in-context", action="store_true",
-                    help="the in-context recipe (IN_CONTEXT: style documents for the LMM, semantics texts for CLIP)")
+                    help="the in-context recipe (IN_CONTEXT: the LMM's copy phase, semantics texts for the CLIP, "
+                         "the detokenizer's feature term)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override BuildConfig fields")
     a = ap.parse_args(argv)
     cfg = BuildConfig(seed=a.seed)
