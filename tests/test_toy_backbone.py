@@ -159,7 +159,7 @@ def _train_detokenizer(folder, images, features, weight: float, steps: int = 3):
 def test_detokenizer_feature_term_trains_the_detokenizer_only_when_weighted(smoke_dir):
     """The feature-reconstruction term (build's `detok_feature_weight`) adds a gradient to the detokenizer when its
     weight is > 0 and leaves training exactly as before at 0; features must have one row per training image.
-    (What it does at full size is the bench's reference-embedding probe: README, notebook-06 section.)"""
+    (What it does at full size is the bench's reference-embedding probe: docs/toy-tradeoff-journal.md.)"""
     from pigeon_utils.toy.evaluate import fresh_images
 
     images, fs = fresh_images([(g, "red", "plain", "filled") for g in ("star", "heart")], 16, seed=0)

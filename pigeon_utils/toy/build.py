@@ -130,8 +130,9 @@ SMOKE = dict(smoke=True, threads=1, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldou
 # the copy phase (3,000 documents alone until the copy probe reaches 0.9, then 250 steps mixed with all caption
 # segments); a toy CLIP also trained on the semantics texts reference CS compares with; the detokenizer's feature
 # term (E carries the glyph); fewer decoder steps, so that the whole build fits the 30-minute budget (29.7 min;
-# caption -> image 84.4 %, under its 85 % bar; docs/toy-tradeoff-journal.md has the builds that tuned it). `--in-context` builds with it. With the copy phase,
-# toy SFT takes the style from the history (colour at α_r = 1: 100 % of 48 test samples, 10 % without).
+# caption -> image 84.4 %, under its 85 % bar; docs/toy-tradeoff-journal.md has the builds that tuned it).
+# `--in-context` builds with it. With the copy phase, toy SFT takes the style from the history (colour at
+# α_r = 1: 100 % of 48 test samples, 10 % without).
 IN_CONTEXT = dict(lmm_copy_docs=3000, p_caption_first=1.0, lmm_steps=2000, lmm_copy_mix_steps=250,
                   lmm_copy_mix_captions=80000, clip_semantics=0.25, clip_steps=550, clip_channels_last=True,
                   detok_feature_weight=1.0, dec_steps=1400)
@@ -433,7 +434,7 @@ def copy_phase(lmm, cfg: BuildConfig, tokenizer, text_tok, layout, caption_segme
     target, then documents and captions. An LMM trained on captions and captioned documents copies a context
     image's style from its caption but not from its visual tokens; with uncaptioned documents mixed into
     caption training, copying visual tokens had not emerged after 1,200 steps; with documents alone it emerges
-    within a few hundred (README, notebook-06 section)."""
+    within a few hundred (docs/toy-tradeoff-journal.md)."""
     from pigeon_utils.toy.evaluate import context_copy, copy_probes
     from pigeon_utils.toy.lmm import train_lmm
 
