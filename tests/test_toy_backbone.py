@@ -14,7 +14,7 @@ import pigeon_utils  # noqa: F401
 from pigeon_utils.backbone import CheckpointError, VisualTokens, load_backbone, pad_codes
 from pigeon_utils.toy.build import SMOKE, BuildConfig, build
 from pigeon_utils.toy.load import REQUIRED_FILES, load_toy_backbone, load_toy_clip
-from pigeon_utils.toy_data import ToyFactors, render
+from pigeon_utils.toy_data import ToyFactors, random_factors, render, render_many
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "checkpoints" / "toy"
@@ -192,6 +192,18 @@ def test_train_clip_channels_last_trains_and_saves_contiguous_weights(smoke_dir,
     clip.save_pretrained(tmp_path / "clip", model_cfg)
     back = toy_clip.ToyClip.from_pretrained(tmp_path / "clip", clip.text_tokenizer).model.state_dict()
     assert all(torch.equal(back[k], trained[k]) for k in back)
+
+
+def test_render_many_in_worker_processes_draws_the_same_images():
+    rng = np.random.default_rng(0)
+    fs = [random_factors(rng, g, c, p, s) for g, c, p, s in
+          [("circle", "red", "plain", "filled"), ("star", "blue", "dots", "outline"),
+           ("heart", "green", "stripes", "outline")] * 700]  # above the size at which workers start
+    serial = render_many(fs, workers=1)
+    assert serial.shape == (2100, 64, 64, 3) and serial.dtype == np.uint8
+    np.testing.assert_array_equal(render_many(fs, workers=2), serial)
+    np.testing.assert_array_equal(serial[1], np.asarray(render(fs[1])))
+    assert render_many([], workers=2).shape == (0, 64, 64, 3)
 
 
 def test_linear_probe_accuracy_finds_a_linear_factor_and_not_noise():

@@ -171,12 +171,12 @@ def _shuffled(combos, seed):
     return [combos[i] for i in np.random.default_rng(seed).permutation(len(combos))]
 
 
-def style_documents(combos, n_docs: int, n_images: tuple[int, int], keep: float, seed: int):
+def style_documents(combos, n_docs: int, n_images: tuple[int, int], keep: float, seed: int, workers: int = 1):
     """`n_docs` style documents: each draws a style (colour, pattern, stroke) and ``n_images[0] ≤ k < n_images[1]``
     images; every image keeps each style factor of its document with probability `keep` (else a random value) and
     a random glyph among those whose combination is in `combos` (held-out combinations never appear).
     Returns ``(uint8 images [N, 64, 64, 3], their factors, images per document)``."""
-    from pigeon_utils.toy_data import COLOURS, GLYPHS, PATTERNS, STROKES, random_factors, render
+    from pigeon_utils.toy_data import COLOURS, GLYPHS, PATTERNS, STROKES, random_factors, render_many
 
     allowed = set(combos)
     rng = np.random.default_rng(seed)
@@ -195,8 +195,7 @@ def style_documents(combos, n_docs: int, n_images: tuple[int, int], keep: float,
                 glyphs = [g for g in GLYPHS if (g, c, p, s) in allowed] or list(GLYPHS)
             fs.append(random_factors(rng, pick(glyphs), c, p, s))
         sizes.append(k)
-    ims = np.stack([np.asarray(render(f)) for f in fs]) if fs else np.zeros((0, 64, 64, 3), np.uint8)
-    return ims, fs, sizes
+    return render_many(fs, workers), fs, sizes
 
 
 def document_captions(factors, sizes: list[int], text_tok, p_caption: float, gen: torch.Generator):
@@ -310,17 +309,17 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     t = time.monotonic()
     combos, held = all_combos(), heldout_combos(cfg)
     train_combos = [c for c in combos if c not in set(held)]
-    fit_ims, _ = fresh_images(_shuffled(combos, cfg.seed + 1), cfg.n_fit, cfg.seed + 1)
-    pool_ims, pool_f = fresh_images(_shuffled(combos, cfg.seed + 2), cfg.n_pool, cfg.seed + 2)
+    fit_ims, _ = fresh_images(_shuffled(combos, cfg.seed + 1), cfg.n_fit, cfg.seed + 1, cfg.threads)
+    pool_ims, pool_f = fresh_images(_shuffled(combos, cfg.seed + 2), cfg.n_pool, cfg.seed + 2, cfg.threads)
     if cfg.use_dataset_images:
         ims, fs = _dataset_images(data_dir)
         if ims:
             pool_ims, pool_f = np.concatenate([pool_ims, np.stack(ims)]), pool_f + fs
-    lmm_ims, lmm_f = fresh_images(_shuffled(train_combos, cfg.seed + 3), cfg.n_lmm_pool, cfg.seed + 3)
+    lmm_ims, lmm_f = fresh_images(_shuffled(train_combos, cfg.seed + 3), cfg.n_lmm_pool, cfg.seed + 3, cfg.threads)
     doc_ims, doc_f, doc_sizes = style_documents(train_combos, cfg.n_lmm_docs, tuple(cfg.lmm_doc_images),
-                                                cfg.lmm_doc_keep, cfg.seed + 8)
+                                                cfg.lmm_doc_keep, cfg.seed + 8, cfg.threads)
     copy_ims, copy_f, copy_sizes = style_documents(train_combos, cfg.lmm_copy_docs, tuple(cfg.lmm_doc_images), 1.0,
-                                                   cfg.seed + 10)
+                                                   cfg.seed + 10, cfg.threads)
     t = stage("render", t)
 
     # ---- 1. visual tokenizer
@@ -461,7 +460,7 @@ def compute_figures(folder: Path, cfg: BuildConfig) -> dict:
 
     bb = load_toy_backbone(folder, check_hashes=False)
     clip = load_toy_clip(folder, bb.text_tokenizer)
-    eval_ims, eval_f = fresh_images(_shuffled(all_combos(), cfg.seed + 4), cfg.n_eval, cfg.seed + 4)
+    eval_ims, eval_f = fresh_images(_shuffled(all_combos(), cfg.seed + 4), cfg.n_eval, cfg.seed + 4, cfg.threads)
     fig = {"clip_zero_shot": clip_accuracy(clip, eval_ims, eval_f),
            "round_trip": public(round_trip(bb, clip, eval_ims, eval_f, seed=cfg.seed + 5))}
     fig["caption_to_image"] = public(caption_generation(bb, clip, heldout_combos(cfg), cfg.gen_per_combo,

@@ -23,13 +23,14 @@ import torch
 from pigeon_utils.toy.clip import ToyClip, factor_accuracy
 
 
-def fresh_images(combos: Sequence[tuple[str, str, str, str]], n: int, seed: int):
-    """`n` fresh renders cycling through `combos` with random jitter -> (uint8 [n, 64, 64, 3], factor dicts)."""
-    from pigeon_utils.toy_data import random_factors, render
+def fresh_images(combos: Sequence[tuple[str, str, str, str]], n: int, seed: int, workers: int = 1):
+    """`n` fresh renders cycling through `combos` with random jitter -> (uint8 [n, 64, 64, 3], factor dicts);
+    `workers` rendering processes (the same images whatever it is)."""
+    from pigeon_utils.toy_data import random_factors, render_many
 
     rng = np.random.default_rng(seed)
     fs = [random_factors(rng, *combos[i % len(combos)]) for i in range(n)]
-    return np.stack([np.asarray(render(f)) for f in fs]), [asdict(f) for f in fs]
+    return render_many(fs, workers), [asdict(f) for f in fs]
 
 
 def clip_accuracy(clip: ToyClip, images, factors: list[dict]) -> dict[str, float]:
