@@ -106,8 +106,15 @@ class ToyFactors:
 
 
 def sticker_semantics(emotion: str) -> str:
-    """The toy sticker's target-semantics text (``sticker_semantics``): its glyph and emotion, no style."""
-    return f"a sticker of a {EMOTION_GLYPH[emotion]}, showing {emotion.lower()}"
+    """The toy sticker's target-semantics text (``sticker_semantics``): what the sticker means, its emotion.
+
+    It does not name the glyph, as SER-30K's semantics describe what a sticker means rather than how it is drawn:
+    which glyph an emotion is drawn as is something the toy CLIP learns from images (``clip_semantics`` in the
+    build), so reference CS rewards the glyph the reference shows.
+    """
+    if emotion not in EMOTION_GLYPH:
+        raise ValueError(f"emotion {emotion!r}: expected one of {tuple(EMOTION_GLYPH)}")
+    return f"a sticker showing {emotion.lower()}"
 
 
 def poster_semantics(genre: str) -> str:
@@ -248,9 +255,31 @@ def _split_windows(seqs: dict[int, dict[int, list[int]]], rng: np.random.Generat
     return split_windows(windows, ratios=(0.8, 0.1, 0.1), seed=int(rng.integers(2**31)))
 
 
-def make_sticker(out: Path, seed: int = 0, n_themes: int = 48, stickers_per_theme: tuple[int, int] = (22, 34),
-                 write_upstream: bool = False) -> Path:
-    """Write `toy-sticker`: each user is a sticker theme with one style, whose stickers cover 3–5 emotions."""
+def _off_style(rng: np.random.Generator, theme: tuple[str, str, str], keep: float) -> tuple[str, str, str]:
+    """The theme's (colour, pattern, stroke), each factor swapped with probability 1 − `keep` for a uniformly
+    drawn different value."""
+    out = []
+    for value, allowed in zip(theme, (tuple(COLOURS), PATTERNS, STROKES)):
+        if rng.random() >= keep:
+            others = [a for a in allowed if a != value]
+            value = others[int(rng.integers(len(others)))]
+        out.append(value)
+    return out[0], out[1], out[2]
+
+
+def make_sticker(out: Path, seed: int = 0, n_themes: int = 64, stickers_per_theme: tuple[int, int] = (60, 90),
+                 style_keep: float = 0.75, write_upstream: bool = False) -> Path:
+    """Write `toy-sticker`: each user is a sticker theme with its own style, whose stickers cover 3–5 emotions.
+
+    A sticker keeps each of its theme's style factors (colour, pattern, stroke) with probability `style_keep` and
+    otherwise has a different value: a theme has a house style that most, not all, of its stickers follow, so a
+    target sticker can differ from what its history shows — what the α_r trade-off is about.
+    """
+    if not 0.0 <= style_keep <= 1.0:
+        raise ValueError(f"style_keep={style_keep}: expected a probability in [0, 1]")
+    n_styles = len(COLOURS) * len(PATTERNS) * len(STROKES)
+    if not 1 <= n_themes <= n_styles:
+        raise ValueError(f"n_themes={n_themes}: expected 1..{n_styles} (one distinct house style per theme)")
     rng = np.random.default_rng(seed)
     emotions = list(EMOTION_GLYPH)
     all_styles = [(c, p, s) for c in COLOURS for p in PATTERNS for s in STROKES]
@@ -272,7 +301,7 @@ def make_sticker(out: Path, seed: int = 0, n_themes: int = 48, stickers_per_them
         iids = []
         for k in range(n):
             emo = str(theme_emotions[int(rng.integers(len(theme_emotions)))])
-            f = random_factors(rng, EMOTION_GLYPH[emo], colour, pattern, stroke)
+            f = random_factors(rng, EMOTION_GLYPH[emo], *_off_style(rng, (colour, pattern, stroke), style_keep))
             iid = len(paths)
             rel = f"{name}/{k:03d}.png"
             paths.append(rel)

@@ -149,7 +149,7 @@ def test_window_of_wrong_length(sticker_copy):
 
 def test_iid_without_image_path(sticker_copy):
     _edit_first_window(sticker_copy, "train", lambda w: w[:2] + [99999] + w[3:])
-    with pytest.raises(DataError, match=r"train: iid 99999 has no image path: all_image_paths has 1337 entries"):
+    with pytest.raises(DataError, match=r"train: iid 99999 has no image path: all_image_paths has 4843 entries"):
         open_dataset(sticker_copy, "sticker")
 
 
@@ -232,11 +232,17 @@ def test_shipped_toy_dataset_is_valid_and_labelled(scenario, name):
     assert np.array_equal(np.asarray(im), np.asarray(toy_data.render(f)))
 
 
-def test_toy_sticker_users_have_one_style_and_poster_users_a_taste():
+def test_toy_sticker_themes_have_a_house_style_and_poster_users_a_taste():
     st = open_dataset(REPO / "dataset" / "toy-sticker", "sticker")
+    shares = []
     for per_g in st.user_seqs.values():
         for seq in per_g.values():
-            assert len({(st.factors[i]["colour"], st.factors[i]["pattern"], st.factors[i]["stroke"]) for i in seq}) == 1
+            styles = [(st.factors[i]["colour"], st.factors[i]["pattern"], st.factors[i]["stroke"]) for i in seq]
+            house = [max(set(col), key=col.count) for col in zip(*styles)]  # the theme's style, factor by factor
+            shares.append([np.mean([s[k] == house[k] for s in styles]) for k in range(3)])
+    shares = np.array(shares)
+    # each factor follows the house style in about 3 of 4 stickers (style_keep = 0.75), never all of them
+    assert 0.68 < shares.mean() < 0.82 and (shares.min(0) > 0.5).all() and (shares < 1).any(axis=1).all()
     mv = open_dataset(REPO / "dataset" / "toy-poster", "movie")
     tastes = json.loads((REPO / "dataset" / "toy-poster" / "toy_user_tastes.json").read_text())
     in_taste = np.mean([mv.factors[i]["colour"] in tastes[str(u)]["colours"]
@@ -260,6 +266,23 @@ def test_toy_datasets_rebuild_identically(tmp_path):
             a = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(REPO / "dataset" / name / rel))
             b = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(tmp_path / name / rel))
             assert np.array_equal(a, b), rel
+
+
+def test_toy_sticker_style_keep(tmp_path):
+    one = open_dataset(toy_data.make_sticker(tmp_path / "a", n_themes=3, stickers_per_theme=(8, 10), style_keep=1.0),
+                       "sticker")
+    for per_g in one.user_seqs.values():
+        for seq in per_g.values():
+            assert len({(one.factors[i]["colour"], one.factors[i]["pattern"], one.factors[i]["stroke"])
+                        for i in seq}) == 1
+    rng = np.random.default_rng(0)
+    theme = ("red", "dots", "filled")
+    off = [toy_data._off_style(rng, theme, keep=0.0) for _ in range(50)]  # every factor swapped, each time
+    assert all(o[k] != theme[k] for o in off for k in range(3)) and len({o[0] for o in off}) > 3
+    with pytest.raises(ValueError, match="style_keep=1.5"):
+        toy_data.make_sticker(tmp_path / "c", style_keep=1.5)
+    with pytest.raises(ValueError, match="n_themes=65"):
+        toy_data.make_sticker(tmp_path / "c", n_themes=65)
 
 
 def test_toy_upstream_format_reads_like_the_safe_one(tmp_path):

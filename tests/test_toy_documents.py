@@ -1,6 +1,7 @@
 """Style documents for the toy LMM (in-context style) and the semantics texts the toy CLIP can learn."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -113,7 +114,9 @@ def test_document_captions_hide_the_last_images_style():
 
 
 def test_semantics_texts_are_the_datasets_forms():
-    assert sticker_semantics("Happiness") == "a sticker of a heart, showing happiness"
+    assert sticker_semantics("Happiness") == "a sticker showing happiness"  # the meaning, not the glyph
+    with pytest.raises(ValueError, match="'Joy'"):
+        sticker_semantics("Joy")
     assert poster_semantics("Drama") == "a poster of a drama movie showing a circle"
     for glyph in GLYPHS:
         expect = {sticker_semantics(e) for e, g in EMOTION_GLYPH.items() if g == glyph} \
@@ -128,7 +131,13 @@ def test_semantics_texts_are_the_datasets_forms():
 def test_in_context_recipe_names_build_fields():
     fields = set(BuildConfig.__dataclass_fields__)
     assert set(IN_CONTEXT) <= fields and IN_CONTEXT["lmm_copy_docs"] > 0
-    assert BuildConfig().lmm_copy_docs == 0 and BuildConfig().clip_semantics == 0.0  # the committed checkpoint's recipe
+    assert BuildConfig().lmm_copy_docs == 0 and BuildConfig().clip_semantics == 0.0  # the captions-only defaults
+
+
+def test_committed_checkpoint_is_the_in_context_recipe():
+    manifest = json.loads((Path(__file__).resolve().parents[1] / "checkpoints/toy/manifest.json").read_text())
+    assert {k: manifest["recipe"][k] for k in IN_CONTEXT} == IN_CONTEXT
+    assert manifest["command"] == "python -m pigeon_utils.toy.build --out checkpoints/toy --seed 0 --in-context"
 
 
 def test_manifest_command_names_the_recipe():
