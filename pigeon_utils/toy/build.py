@@ -129,8 +129,8 @@ SMOKE = dict(smoke=True, threads=1, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldou
 # The in-context recipe (README, notebook-06 section; the committed checkpoint's since 2026-11-25): the LMM's main
 # phase on caption -> image segments only, then the copy phase (3,000 documents alone until the copy probe reaches
 # 0.9, then 250 steps mixed with all caption segments); a toy CLIP also trained on the semantics texts reference CS
-# compares with; the detokenizer's feature term at weight 5 (E carries the glyph: linear read-out 80 % vs 77 % at
-# weight 1), whose decoder needs 1,600 steps at lr 4e-3 to keep the round-trip and caption -> image bars. With the
+# compares with; the detokenizer's feature term at weight 5 (E carries the glyph: a linear read-out finds it in 83 %
+# of images), whose decoder needs 1,600 steps at lr 4e-3 to keep the round-trip and caption -> image bars. With the
 # copy phase, toy SFT takes the style from the history. docs/toy-tradeoff-journal.md has the builds that tuned it.
 IN_CONTEXT = dict(lmm_copy_docs=3000, p_caption_first=1.0, lmm_steps=2000, lmm_copy_mix_steps=250,
                   lmm_copy_mix_captions=80000, clip_semantics=0.25, clip_steps=550, clip_channels_last=True,
