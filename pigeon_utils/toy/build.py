@@ -1,7 +1,7 @@
 """Build every toy backbone asset, deterministically from a seed: ``python -m pigeon_utils.toy.build``.
 
-    python -m pigeon_utils.toy.build --out checkpoints/toy --seed 0            # the committed build (~29 min, 2 CPUs)
-    python -m pigeon_utils.toy.build --out /tmp/toy --seed 0 --smoke          # seconds; same code path, tiny sizes
+    python -m pigeon_utils.toy.build --out checkpoints/toy --seed 0 --in-context  # the committed build (~28 min)
+    python -m pigeon_utils.toy.build --out /tmp/toy --seed 0 --smoke             # seconds; same code path, tiny sizes
 
 Stages (each seeded from ``seed``; images are fresh renders of :mod:`pigeon_utils.toy_data`, plus the toy
 datasets' images where ``--data`` has them):
@@ -66,7 +66,7 @@ class BuildConfig:
     clip_batch: int = 128
     clip_lr: float = 2e-3
     clip_semantics: float = 0.0  # fraction of pool images added again with a semantics text (what CS compares with)
-    clip_channels_last: bool = False  # channels-last convolutions (faster on CPU; off: the committed checkpoint's)
+    clip_channels_last: bool = False  # channels-last convolutions (faster on CPU; off: the captions-only recipe's)
     # VAE, detokenizer, UNet
     latent_channels: int = 16
     vae_hidden: int = 128
@@ -79,7 +79,7 @@ class BuildConfig:
     dec_batch: int = 32
     dec_lr: float = 2e-3
     # > 0: the detokenizer's mean output must also reconstruct the toy CLIP's image embedding (what the reference
-    # embedding E is built from carries the image's meaning, as LaVIT's does; 0 = diffusion loss only, committed)
+    # embedding E is built from carries the image's meaning, as LaVIT's does; 0 = diffusion loss only; IN_CONTEXT: 5)
     detok_feature_weight: float = 0.0
     decode_steps: int = 20
     # LMM
@@ -96,7 +96,7 @@ class BuildConfig:
     lmm_phase2_steps: int = 0
     lmm_phase2_lr: float = 1e-3
     lmm_phase2_docs: float = 0.2
-    # the copy phase (0 documents = none, the committed checkpoint), after the phases above: `lmm_copy_docs`
+    # the copy phase (0 documents = none; IN_CONTEXT: 3,000), after the phases above: `lmm_copy_docs`
     # uncaptioned documents, each delimited by <s> … </s>, whose images share their style exactly, alone until the
     # in-context copy probe (evaluate.context_copy) reaches `lmm_copy_target` (checked every 100 steps, at most
     # `lmm_copy_max_steps`); then `lmm_copy_mix_steps` on them plus the first `lmm_copy_mix_captions` caption
