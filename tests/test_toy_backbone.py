@@ -282,3 +282,28 @@ def test_shipped_checkpoint_tokenizes_and_decodes():
     pred = clip.predict_factors(images)
     right = sum(p["glyph"] == t.glyph and p["colour"] == t.colour for p, t in zip(pred, truth))
     assert right >= 3, pred
+
+
+@pytest.mark.parametrize("steps, pct", [(20, 0.05), (10, 0.1), (2, 0.05), (1600, 0.05), (550, 0.1)])
+def test_one_cycle_runs_every_step_count_and_keeps_torch_schedule_elsewhere(steps, pct):
+    """The build's schedules (VAE, CLIP, detokenizer + UNet) run for every step count: torch's OneCycleLR divides
+    by zero when the warm-up ends at step 0 (20 steps at 0.05, 10 at 0.1); other counts keep torch's schedule."""
+    from pigeon_utils.toy.decoder import one_cycle
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched, out = make(opt), []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda o: one_cycle(o, 1e-2, steps, pct))
+    assert len(ours) == steps and all(np.isfinite(ours)) and max(ours) <= 1e-2 * (1 + 1e-9)
+    if pct * steps != 1.0:
+        assert ours == lrs(lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=steps,
+                                                                           pct_start=pct))
+    else:
+        with pytest.raises(ZeroDivisionError):
+            lrs(lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=steps, pct_start=pct))

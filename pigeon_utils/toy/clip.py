@@ -164,7 +164,9 @@ def train_clip(clip: ToyClip, images: Tensor, captions: Sequence[str], steps: in
     tokens = clip.tokenize(captions)
     cap_ids = torch.unique(tokens, dim=0, return_inverse=True)[1]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    from pigeon_utils.toy.decoder import one_cycle
+
+    sched = one_cycle(opt, lr, steps, 0.1)
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in tqdm(range(steps), desc="toy CLIP", disable=not progress, mininterval=2):

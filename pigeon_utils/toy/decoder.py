@@ -150,6 +150,16 @@ class ToyPixelDecoder(PixelDecoder):
         return cls(unet.eval(), scheduler, vae, cfg["num_inference_steps"], cfg["guidance_scale"])
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int, pct_start: float):
+    """``OneCycleLR`` over `steps` steps with a warm-up of `pct_start`, except when that warm-up would end exactly at
+    step 0 (``pct_start · steps == 1``, e.g. 20 steps at 0.05): torch then divides by a zero-length phase, so the
+    warm-up takes two steps instead. Every other step count gets torch's schedule unchanged."""
+    total = max(int(steps), 1)
+    if float(pct_start * total) == 1.0:
+        pct_start = 2.0 / total
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=pct_start)
+
+
 def train_autoencoder(vae: PatchAutoencoder, images: Tensor, steps: int, batch: int, lr: float,
                       gen: torch.Generator, noise: float = 0.05, progress: bool = True) -> float:
     """Fit the patch autoencoder on images [N, 3, H, W] in [0, 1] (pixel-wise BCE; latents jittered with `noise` so that
@@ -158,7 +168,7 @@ def train_autoencoder(vae: PatchAutoencoder, images: Tensor, steps: int, batch: 
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    sched = one_cycle(opt, lr, steps, 0.1)
     vae.train()
     for _ in tqdm(range(steps), desc="toy VAE", disable=not progress, mininterval=2):
         x = images[torch.randint(len(images), (batch,), generator=gen)]
@@ -204,7 +214,7 @@ def train_pixel_decoder(detokenizer, decoder: ToyPixelDecoder, codes: Tensor, ma
         readout = torch.nn.Linear(detokenizer.cond_dim, features.shape[1])
         params += list(readout.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
+    lr_sched = one_cycle(opt, lr, steps, 0.05)
     detokenizer.train()
     unet.train()
     ema = float("nan")
