@@ -307,3 +307,32 @@ def test_one_cycle_runs_every_step_count_and_keeps_torch_schedule_elsewhere(step
     else:
         with pytest.raises(ZeroDivisionError):
             lrs(lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=steps, pct_start=pct))
+
+
+def test_detokenizer_features_put_the_images_meaning_beside_its_embedding():
+    """``image+meaning`` (the committed recipe's feature target): each row is the unit image embedding next to the
+    unit mean of the text embeddings of its glyph's semantics texts — equal for two images of one glyph, different
+    across glyphs; ``image`` is the image embedding alone; any other target is refused by name."""
+    from pigeon_utils.toy.build import detokenizer_features
+    from pigeon_utils.toy_data import semantics_texts
+
+    class FakeClip:
+        def image_features(self, images):
+            return torch.tensor(images, dtype=torch.float32) * 3.0
+
+        def text_features(self, texts):  # a deterministic vector per text
+            return torch.stack([torch.randn(2, generator=torch.Generator().manual_seed(sum(map(ord, t))))
+                                for t in texts])
+
+    images = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+    factors = [{"glyph": "heart"}, {"glyph": "heart"}, {"glyph": "star"}]
+    clip = FakeClip()
+    assert torch.equal(detokenizer_features(clip, images, factors, "image"), clip.image_features(images))
+    both = detokenizer_features(clip, images, factors, "image+meaning")
+    assert both.shape == (3, 5)
+    assert torch.allclose(both[:, :3], torch.eye(3)) and torch.allclose(both[:, 3:].norm(dim=1), torch.ones(3))
+    want = torch.nn.functional.normalize(clip.text_features(semantics_texts("heart")), dim=-1).mean(0)
+    assert torch.allclose(both[0, 3:], want / want.norm()) and torch.equal(both[0, 3:], both[1, 3:])
+    assert not torch.allclose(both[0, 3:], both[2, 3:])
+    with pytest.raises(ValueError, match="detok_feature_target='glyph'"):
+        detokenizer_features(clip, images, factors, "glyph")

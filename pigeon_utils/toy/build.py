@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 import pigeon_utils  # noqa: F401  (offline defaults, torchvision guard)
 
@@ -81,6 +83,10 @@ class BuildConfig:
     # > 0: the detokenizer's mean output must also reconstruct the toy CLIP's image embedding (what the reference
     # embedding E is built from carries the image's meaning, as LaVIT's does; 0 = diffusion loss only; IN_CONTEXT: 5)
     detok_feature_weight: float = 0.0
+    # what that term reconstructs: "image" = the toy CLIP's image embedding; "image+meaning" = that and, beside it,
+    # the CLIP text embedding of the image's meaning (its glyph's semantics texts, averaged), each unit-length, so
+    # the mean output separates the glyph as plainly as the colour (IN_CONTEXT; see detokenizer_features)
+    detok_feature_target: str = "image"
     decode_steps: int = 20
     # LMM
     lmm_hidden: int = 128
@@ -124,17 +130,18 @@ SMOKE = dict(smoke=True, threads=1, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldou
              lmm_layers=1, lmm_heads=2, lmm_intermediate=64, lmm_steps=2, lmm_batch=4, lmm_row=64, n_lmm_docs=8,
              lmm_phase2_steps=1, clip_semantics=0.25, detok_feature_weight=0.5, n_eval=16, gen_per_combo=2,
              lmm_copy_docs=8, lmm_copy_max_steps=2, lmm_copy_mix_steps=1, lmm_copy_mix_captions=16, lmm_copy_row=64,
-             lmm_copy_batch=4, clip_channels_last=True)
+             lmm_copy_batch=4, clip_channels_last=True, detok_feature_target="image+meaning")
 
 # The in-context recipe (README, notebook-06 section; the committed checkpoint's since 2026-11-25): the LMM's main
 # phase on caption -> image segments only, then the copy phase (3,000 documents alone until the copy probe reaches
 # 0.9, then 250 steps mixed with all caption segments); a toy CLIP also trained on the semantics texts reference CS
-# compares with; the detokenizer's feature term at weight 5 (E carries the glyph: a linear read-out finds it in 83 %
-# of images), whose decoder needs 1,600 steps at lr 4e-3 to keep the round-trip and caption -> image bars. With the
-# copy phase, toy SFT takes the style from the history. docs/toy-tradeoff-journal.md has the builds that tuned it.
+# compares with; the detokenizer's feature term at weight 5 on the image embedding *and* the image's meaning (so
+# E carries the glyph plainly enough for the toy SFT to take it from the reference), whose decoder needs 1,600
+# steps at lr 4e-3 to keep the round-trip and caption -> image bars. With the copy phase, toy SFT takes the style
+# from the history. docs/toy-tradeoff-journal.md has the builds that tuned it.
 IN_CONTEXT = dict(lmm_copy_docs=3000, p_caption_first=1.0, lmm_steps=2000, lmm_copy_mix_steps=250,
                   lmm_copy_mix_captions=80000, clip_semantics=0.25, clip_steps=550, clip_channels_last=True,
-                  detok_feature_weight=5.0, dec_steps=1600, dec_lr=4e-3)
+                  detok_feature_weight=5.0, detok_feature_target="image+meaning", dec_steps=1600, dec_lr=4e-3)
 
 
 def build_command(out: Path, cfg: BuildConfig) -> str:
@@ -239,6 +246,30 @@ def semantics_pairs(factors: list[dict], fraction: float, seed: int) -> tuple[np
     return idx, texts
 
 
+FEATURE_TARGETS = ("image", "image+meaning")
+
+
+def detokenizer_features(clip, images: np.ndarray, factors: list[dict], target: str) -> Tensor:
+    """The vectors the detokenizer's feature term reconstructs (``detok_feature_target``), one row per image.
+
+    ``"image"``: the toy CLIP's image embeddings. ``"image+meaning"``: the unit image embedding next to the unit
+    mean of the CLIP text embeddings of every semantics text the image's glyph can have (``semantics_texts``) —
+    what the image *means*, as LaVIT's decoder conditioning, built for text-to-image, carries meaning. On the
+    image embedding alone the mean output separates the glyph only weakly and the toy SFT does not take it from
+    E (docs/toy-tradeoff-journal.md, 2026-11-26)."""
+    from pigeon_utils.toy_data import GLYPHS, semantics_texts
+
+    if target not in FEATURE_TARGETS:
+        raise ValueError(f"detok_feature_target={target!r}: expected one of {FEATURE_TARGETS}")
+    feats = clip.image_features(images)
+    if target == "image":
+        return feats
+    with torch.no_grad():
+        meaning = {g: F.normalize(clip.text_features(semantics_texts(g)), dim=-1).mean(0) for g in GLYPHS}
+    rows = F.normalize(torch.stack([meaning[f["glyph"]] for f in factors]), dim=-1)
+    return torch.cat([F.normalize(feats, dim=-1), rows], dim=1)
+
+
 def _dataset_images(data_dir: Path | None):
     """The toy datasets' images and factors (empty when `data_dir` lacks them)."""
     from pigeon_utils.data import open_dataset
@@ -260,6 +291,8 @@ def _log(msg: str) -> None:
 
 def build(out: Path, cfg: BuildConfig, data_dir: Path | None = Path("dataset"), progress: bool = True) -> dict:
     """Build all toy assets into `out` (replaced atomically). Returns the manifest."""
+    if cfg.detok_feature_target not in FEATURE_TARGETS:  # before any work, not 20 minutes in
+        raise ValueError(f"detok_feature_target={cfg.detok_feature_target!r}: expected one of {FEATURE_TARGETS}")
     t_start = time.monotonic()
     threads = torch.get_num_threads()
     deterministic = (torch.are_deterministic_algorithms_enabled(),
@@ -363,7 +396,8 @@ def _build(out: Path, cfg: BuildConfig, data_dir: Path | None, progress: bool, t
     unet = make_unet(cfg.latent_channels, cfg.detok_dim, cfg.detok_dim, grid=tokenizer.config.grid,
                      channels=cfg.unet_channels)
     decoder = ToyPixelDecoder(unet, make_scheduler(), vae, num_inference_steps=cfg.decode_steps)
-    feats = clip.image_features(pool_ims) if cfg.detok_feature_weight > 0 else None
+    feats = (detokenizer_features(clip, pool_ims, pool_f, cfg.detok_feature_target)
+             if cfg.detok_feature_weight > 0 else None)
     dec_loss = train_pixel_decoder(detok, decoder, codes, mask, latents, cfg.dec_steps, cfg.dec_batch, cfg.dec_lr,
                                    g, progress=progress, features=feats, feature_weight=cfg.detok_feature_weight)
     detok.save_pretrained(tmp / "detokenizer")
