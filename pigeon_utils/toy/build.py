@@ -256,7 +256,7 @@ def detokenizer_features(clip, images: np.ndarray, factors: list[dict], target: 
     mean of the CLIP text embeddings of every semantics text the image's glyph can have (``semantics_texts``) —
     what the image *means*, as LaVIT's decoder conditioning, built for text-to-image, carries meaning. On the
     image embedding alone the mean output separates the glyph only weakly and the toy SFT does not take it from
-    E (docs/toy-tradeoff-journal.md, 2026-11-26)."""
+    E (docs/toy-tradeoff-journal.md, tenth session)."""
     from pigeon_utils.toy_data import GLYPHS, semantics_texts
 
     if target not in FEATURE_TARGETS:
