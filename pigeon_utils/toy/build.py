@@ -84,8 +84,8 @@ class BuildConfig:
     # embedding E is built from carries the image's meaning, as LaVIT's does; 0 = diffusion loss only; IN_CONTEXT: 5)
     detok_feature_weight: float = 0.0
     # what that term reconstructs: "image" = the toy CLIP's image embedding; "image+meaning" = that and, beside it,
-    # the CLIP text embedding of the image's meaning (its glyph's semantics texts, averaged), each unit-length, so
-    # the mean output separates the glyph as plainly as the colour (IN_CONTEXT; see detokenizer_features)
+    # the CLIP text embedding of the image's meaning (its glyph's semantics texts, averaged), each unit-length, which
+    # gives the glyph a larger share of the mean output (IN_CONTEXT; see detokenizer_features)
     detok_feature_target: str = "image"
     decode_steps: int = 20
     # LMM
@@ -541,7 +541,8 @@ def main(argv: list[str] | None = None) -> None:
         k, v = kv.split("=", 1)
         if k not in types:
             raise SystemExit(f"--set {kv}: unknown field {k!r}; fields: {sorted(types)}")
-        cfg = replace(cfg, **{k: json.loads(v)})
+        # JSON values (numbers, lists, quoted strings); a text field also takes its value bare (target=image+meaning)
+        cfg = replace(cfg, **{k: v if types[k] in ("str", str) and not v.startswith('"') else json.loads(v)})
     if a.no_figures:
         cfg = replace(cfg, figures=False)
     m = build(a.out, cfg, a.data)
