@@ -336,3 +336,5 @@ def test_detokenizer_features_put_the_images_meaning_beside_its_embedding():
     assert not torch.allclose(both[0, 3:], both[2, 3:])
     with pytest.raises(ValueError, match="detok_feature_target='glyph'"):
         detokenizer_features(clip, images, factors, "glyph")
+    with pytest.raises(ValueError, match="detok_feature_target='glyph'"):  # a recipe fails when it is made
+        replace(BuildConfig(), detok_feature_target="glyph")

@@ -43,6 +43,9 @@ import pigeon_utils  # noqa: F401  (offline defaults, torchvision guard)
 # LMM pre-training steps dominate the build; the others are sized to fit the 30-minute budget on 2 CPU cores.
 
 
+FEATURE_TARGETS = ("image", "image+meaning")  # BuildConfig.detok_feature_target
+
+
 @dataclass
 class BuildConfig:
     seed: int = 0
@@ -122,6 +125,10 @@ class BuildConfig:
     n_eval: int = 512
     gen_per_combo: int = 4
     figures: bool = True
+
+    def __post_init__(self):  # a bad recipe fails when it is made, not 20 minutes into a build
+        if self.detok_feature_target not in FEATURE_TARGETS:
+            raise ValueError(f"detok_feature_target={self.detok_feature_target!r}: expected one of {FEATURE_TARGETS}")
 
 
 SMOKE = dict(smoke=True, threads=1, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldout_combos=4, use_dataset_images=False,
@@ -246,9 +253,6 @@ def semantics_pairs(factors: list[dict], fraction: float, seed: int) -> tuple[np
     return idx, texts
 
 
-FEATURE_TARGETS = ("image", "image+meaning")
-
-
 def detokenizer_features(clip, images: np.ndarray, factors: list[dict], target: str) -> Tensor:
     """The vectors the detokenizer's feature term reconstructs (``detok_feature_target``), one row per image.
 
@@ -291,8 +295,6 @@ def _log(msg: str) -> None:
 
 def build(out: Path, cfg: BuildConfig, data_dir: Path | None = Path("dataset"), progress: bool = True) -> dict:
     """Build all toy assets into `out` (replaced atomically). Returns the manifest."""
-    if cfg.detok_feature_target not in FEATURE_TARGETS:  # before any work, not 20 minutes in
-        raise ValueError(f"detok_feature_target={cfg.detok_feature_target!r}: expected one of {FEATURE_TARGETS}")
     t_start = time.monotonic()
     threads = torch.get_num_threads()
     deterministic = (torch.are_deterministic_algorithms_enabled(),
