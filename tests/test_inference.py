@@ -286,3 +286,45 @@ def test_beam_bookkeeping_by_hand():
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2]])
     idx, ok = _draw_without_replacement(probs, torch.tensor([[0.99, 0.99, 0.0, 0.5]]))
     assert idx[0, :3].tolist() == [3, 2, 0] and ok.tolist() == [[True, True, True, False]]
+
+
+def test_reserved_cache_matches_concatenating_cache():
+    """`_reserve` (generated tokens written in place into spare room) holds exactly what transformers' concatenating
+    DynamicCache holds through every operation the sampling loops use: appends past the room (it grows), repeat and
+    select of rows, and the in-place reorder of the generated part."""
+    from transformers.cache_utils import DynamicCache
+
+    from pigeon_utils.inference import _reorder_generated, _reserve
+
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    plain, reserved = DynamicCache(), DynamicCache()
+    k, v = rnd(3, 2, 5, 4), rnd(3, 2, 5, 4)
+    for c in (plain, reserved):
+        for layer in range(2):
+            c.update(k + layer, v - layer, layer)
+    _reserve(reserved, 2)
+    assert {type(layer).__name__ for layer in reserved.layers} == {"ReservedLayer"}
+
+    def same():
+        assert reserved.get_seq_length() == plain.get_seq_length()
+        for a, b in zip(plain.layers, reserved.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+    for step in range(5):  # the room holds 2 new positions: steps 2… grow it
+        if step == 1:
+            for c in (plain, reserved):
+                c.batch_repeat_interleave(2)
+        if step == 3:
+            for c in (plain, reserved):
+                c.batch_select_indices(torch.tensor([5, 0, 3]))
+        n = plain.layers[0].keys.shape[0]
+        nk, nv = rnd(n, 2, 1, 4), rnd(n, 2, 1, 4)
+        for layer in range(2):
+            out_p = plain.update(nk * (layer + 1), nv, layer)
+            out_r = reserved.update(nk * (layer + 1), nv, layer)
+            assert all(torch.equal(a, b) for a, b in zip(out_p, out_r))
+        parent = torch.randint(n, (n,), generator=g)
+        for c in (plain, reserved):
+            _reorder_generated(c, parent, 5)
+        same()
