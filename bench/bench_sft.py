@@ -13,7 +13,10 @@ It prints both, the validation losses (pre-trained = step 0, SFT = best) and the
 ``<run_dir>/sft/bench_sft.json``.
 
     .venv/bin/python bench/bench_sft.py [--run-dir runs/bench-sft] [--alpha-r 0.5] [--test-samples 207]
-                                        [--max-steps N] [--scenario movie]
+                                        [--max-steps N] [--scenario movie] [--sft-seed 123]
+
+Several ``--sft-seed`` runs (each in its own ``--run-dir``) give the spread that ``bench/bench_sweep.py --sft A B
+…`` averages the α_r trade-off over.
 """
 from __future__ import annotations
 
@@ -35,10 +38,12 @@ def main() -> None:
     ap.add_argument("--test-samples", type=int, default=None, help="test samples to generate for (default all)")
     ap.add_argument("--max-steps", type=int, default=None, help="override the toy default")
     ap.add_argument("--seed", type=int, default=0, help="generation seed")
+    ap.add_argument("--sft-seed", type=int, default=None,
+                    help="SFT seed (initialisation, data order, masks; default: the toy preset's, 123)")
     args = ap.parse_args()
 
     run = config.resolve(preset="toy", scenario=args.scenario, run_dir=args.run_dir, device="cpu")
-    overrides = {} if args.max_steps is None else {"max_steps": args.max_steps}
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("seed", args.sft_seed)) if v is not None}
     cfg = SFTConfig.for_preset("toy", **overrides)
     t0 = time.perf_counter()
     res = train_sft(cfg, run, resume=False)
@@ -56,7 +61,7 @@ def main() -> None:
     gen_s = time.perf_counter() - t1
     valid = res.log["valid"]
     report = {
-        "scenario": args.scenario, "alpha_r": args.alpha_r, "test_samples": len(samples),
+        "scenario": args.scenario, "sft_seed": cfg.seed, "alpha_r": args.alpha_r, "test_samples": len(samples),
         "steps": res.steps, "stopped_early": res.stopped_early, "train_seconds": round(train_s, 1),
         "generate_seconds": round(gen_s, 1),
         "valid_loss": {"pre-trained": valid[0]["loss"], "SFT": min(v["loss"] for v in valid)},

@@ -14,10 +14,13 @@ LMM, sampling), for decoding, and both ratios sweep / separate (with the decoder
 by default). Then, for each decoder of ``--tradeoff-beams`` (default: the reference's beam-sample, 4 beams, and plain
 sampling), ``run_sweep`` writes the sweep's images and the toy CLIP scores them: mean history CIS and reference CS
 per α_r (the paper's trade-off: CIS rises, CS falls as α_r grows), with the toy factors that explain them (glyph and
-colour = the reference's, style = the history's). Everything goes to ``<out>/bench_sweep.json``.
+colour = the reference's, style = the history's), and the per-sample slopes of CIS and CS over α_r (mean ± standard
+error). With several ``--sft`` folders (SFT runs that differ in their seed, ``bench/bench_sft.py --sft-seed``) the
+timing uses the first and the trade-off is scored for each, then averaged over the runs (slopes: mean ± standard
+error over the runs). Everything goes to ``<out>/bench_sweep.json``.
 
-    .venv/bin/python bench/bench_sweep.py [--sft runs/toy-sticker/sft/best] [--scenario sticker] [--samples 32]
-                                          [--batch-size 4] [--num-beams 1] [--tradeoff-beams 4 1]
+    .venv/bin/python bench/bench_sweep.py [--sft runs/toy-sticker/sft/best ...] [--scenario sticker] [--samples 32]
+                                          [--batch-size 4] [--num-beams 1] [--tradeoff-beams 4 1] [--repeats 3]
                                           [--checkpoint-dir checkpoints/toy] [--data-dir DIR] [--out runs/bench-sweep]
 """
 from __future__ import annotations
@@ -25,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+
+import numpy as np
 from pathlib import Path
 
 import pigeon_utils  # noqa: F401
@@ -68,19 +73,52 @@ def timed_pass(model, ds, samples, cfg: InferenceConfig,
     return t_tok, t_dec, out
 
 
+def print_rows(per: list[dict]) -> None:
+    print(f"{'α_r':>5s}{'history CIS':>13s}{'reference CS':>14s}{'glyph = ref':>13s}{'colour = ref':>14s}"
+          f"{'style = history':>17s}")
+    for p in per:
+        f = p["factors"]
+        print(f"{p['ref_mask_ratio']:>5.1f}{p['history_cis']:>13.2f}{p['reference_cs']:>14.2f}"
+              f"{f['semantic']:>13.1%}{f['colour_vs_reference']:>14.1%}{f['style']:>17.1%}")
+
+
+def print_slopes(slopes: dict, over: str) -> None:
+    c, s = slopes["history_cis"], slopes["reference_cs"]
+    print(f"slope per unit α_r, mean ± standard error {over}: history CIS {c['mean']:+.2f} ± {c['se']:.2f}, "
+          f"reference CS {s['mean']:+.2f} ± {s['se']:.2f}")
+
+
+def mean_over_runs(runs: list[dict]) -> dict:
+    """Per α_r the mean of the runs' mean scores and factor rates; slopes: mean and standard error over the runs."""
+    per = []
+    for j, p in enumerate(runs[0]["per_ratio"]):
+        rows = [r["per_ratio"][j] for r in runs]
+        per.append({"ref_mask_ratio": p["ref_mask_ratio"],
+                    **{k: float(np.mean([r[k] for r in rows])) for k in ("history_cis", "reference_cs", "score")},
+                    "factors": {k: float(np.mean([r["factors"][k] for r in rows])) for k in p["factors"]}})
+    slopes = {}
+    for name in ("history_cis", "reference_cs"):
+        b = np.array([r["slopes"][name]["mean"] for r in runs])
+        slopes[name] = {"mean": float(b.mean()), "se": float(b.std(ddof=1) / np.sqrt(len(b)))}
+    return {"per_ratio": per, "slopes": slopes}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint-dir", default=None, help="toy checkpoint (default checkpoints/toy)")
-    ap.add_argument("--sft", default=None, help="Stage-1 folder (run_dir/sft/best); default: the pre-trained model")
+    ap.add_argument("--sft", nargs="+", default=None,
+                    help="Stage-1 folder(s) (run_dir/sft/best); several: the trade-off averaged over them; "
+                         "default: the pre-trained model")
     ap.add_argument("--scenario", default="movie", choices=["movie", "sticker"])
     ap.add_argument("--samples", type=int, default=32, help="test samples")
     ap.add_argument("--batch-size", type=int, default=4, help="samples per LMM batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-beams", type=int, default=1, help="decoder of the timing: 1: plain sampling (default); "
                                                              "4: the reference's beam-sample")
-    ap.add_argument("--tradeoff-beams", type=int, nargs="+", default=[4, 1],
-                    help="decoders whose trade-off is scored (beams per sample; default: beam-sample, then plain)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per arm (the minimum counts)")
+    ap.add_argument("--tradeoff-beams", type=int, nargs="*", default=[4, 1],
+                    help="decoders whose trade-off is scored (beams per sample; default: beam-sample, then plain; "
+                         "none given: timing only)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per arm (the minimum counts; 0: no timing)")
     ap.add_argument("--data-dir", default=None, help="the scenario's dataset folder (default dataset/toy-<...>)")
     ap.add_argument("--out", default="runs/bench-sweep")
     args = ap.parse_args()
@@ -88,10 +126,14 @@ def main() -> None:
     run = config.resolve(preset="toy", scenario=args.scenario, run_dir=args.out, checkpoint_dir=args.checkpoint_dir,
                          data_dir=args.data_dir, device="cpu")
     backbone = load_backbone("toy", run.checkpoint_dir)
-    if args.sft:
-        model, label = load_sft_model(backbone, args.sft), f"SFT ({args.sft})"
-    else:
-        model, label = pretrained_model(run, SFTConfig.for_preset("toy")), "pre-trained (no SFT)"
+    def load_model(k: int):
+        """Model k of ``--sft`` on a backbone of its own (each injects its LoRA into its LMM)."""
+        if not args.sft:
+            return pretrained_model(run, SFTConfig.for_preset("toy"))
+        return load_sft_model(backbone if k == 0 else load_backbone("toy", run.checkpoint_dir), args.sft[k])
+
+    labels = [f"SFT ({f})" for f in args.sft] if args.sft else ["pre-trained (no SFT)"]
+    model, label = load_model(0), labels[0]
     ds = open_dataset(run.data_dir, run.scenario)
     samples = ds.samples("test")[: args.samples]
     cfg = InferenceConfig.for_preset("toy", sampling={"num_beams": args.num_beams}, batch_size=args.batch_size,
@@ -100,49 +142,60 @@ def main() -> None:
     print(f"model: {label}; {len(samples)} test samples of toy-{args.scenario}; {len(ratios)} ratios; "
           f"batch {cfg.batch_size}; {cfg.sampling.num_beams} beam(s); {torch.get_num_threads()} threads")
 
-    timed_pass(model, ds, samples[:2], cfg, [ratios, [ratios[0]]])  # warm-up (first-call overheads)
-    runs = {"separate": [], "sweep": []}
-    for _ in range(args.repeats):  # alternate the two arms; the fastest repeat of each counts (shared machine)
-        runs["separate"].append(timed_pass(model, ds, samples, cfg, [[r] for r in ratios]))
-        runs["sweep"].append(timed_pass(model, ds, samples, cfg, [ratios]))
-    sep_tok, sep_dec = (min(r[i] for r in runs["separate"]) for i in (0, 1))
-    sw_tok, sw_dec = (min(r[i] for r in runs["sweep"]) for i in (0, 1))
-    sep_codes, sw_codes = runs["separate"][0][2], runs["sweep"][0][2]
-    same = all(torch.equal(sw_codes[0][b][j], sep_codes[j][b][0]) for j in range(len(ratios))
-               for b in range(len(samples)))
-    timing = {"sweep": {"tokens_s": round(sw_tok, 3), "decode_s": round(sw_dec, 3)},
-              "separate": {"tokens_s": round(sep_tok, 3), "decode_s": round(sep_dec, 3)},
-              "token_stage_ratio": round(sw_tok / sep_tok, 3),
-              "end_to_end_ratio": round((sw_tok + sw_dec) / (sep_tok + sep_dec), 3),
-              "identical_tokens": same, "repeats": args.repeats}
-    print(f"token stage: sweep {sw_tok:.2f} s vs eleven separate runs {sep_tok:.2f} s → ratio "
-          f"{timing['token_stage_ratio']:.3f} (identical tokens: {same})")
-    print(f"decoding:    sweep {sw_dec:.2f} s vs separate {sep_dec:.2f} s (the same {len(samples) * len(ratios)} "
-          f"images either way)")
-    print(f"end to end:  ratio {timing['end_to_end_ratio']:.3f}")
+    timing = None
+    if args.repeats > 0:
+        timed_pass(model, ds, samples[:2], cfg, [ratios, [ratios[0]]])  # warm-up (first-call overheads)
+        arms = {"separate": [], "sweep": []}
+        for _ in range(args.repeats):  # alternate the two arms; the fastest repeat of each counts (shared machine)
+            arms["separate"].append(timed_pass(model, ds, samples, cfg, [[r] for r in ratios]))
+            arms["sweep"].append(timed_pass(model, ds, samples, cfg, [ratios]))
+        sep_tok, sep_dec = (min(r[i] for r in arms["separate"]) for i in (0, 1))
+        sw_tok, sw_dec = (min(r[i] for r in arms["sweep"]) for i in (0, 1))
+        sep_codes, sw_codes = arms["separate"][0][2], arms["sweep"][0][2]
+        same = all(torch.equal(sw_codes[0][b][j], sep_codes[j][b][0]) for j in range(len(ratios))
+                   for b in range(len(samples)))
+        timing = {"sweep": {"tokens_s": round(sw_tok, 3), "decode_s": round(sw_dec, 3)},
+                  "separate": {"tokens_s": round(sep_tok, 3), "decode_s": round(sep_dec, 3)},
+                  "token_stage_ratio": round(sw_tok / sep_tok, 3),
+                  "end_to_end_ratio": round((sw_tok + sw_dec) / (sep_tok + sep_dec), 3),
+                  "identical_tokens": same, "repeats": args.repeats}
+        print(f"token stage: sweep {sw_tok:.2f} s vs eleven separate runs {sep_tok:.2f} s → ratio "
+              f"{timing['token_stage_ratio']:.3f} (identical tokens: {same})")
+        print(f"decoding:    sweep {sw_dec:.2f} s vs separate {sep_dec:.2f} s (the same {len(samples) * len(ratios)} "
+              f"images either way)")
+        print(f"end to end:  ratio {timing['end_to_end_ratio']:.3f}")
 
     clip = load_clip("toy", run.checkpoint_dir, text_tokenizer=backbone.text_tokenizer)
     judge = load_toy_clip(run.checkpoint_dir, backbone.text_tokenizer)
     tradeoff = {}
     for beams in args.tradeoff_beams:
+        decoder = "plain sampling" if beams == 1 else f"beam-sample, {beams} beams"
         tcfg = InferenceConfig.for_preset("toy", sampling={"num_beams": beams}, batch_size=args.batch_size,
                                           seed=args.seed)
-        folder = Path(args.out) / "inference" / f"beams{beams}" / "test"
-        t0 = time.perf_counter()
-        res = run_sweep(model, ds, "test", folder, tcfg, max_samples=args.samples, model_label=label, resume=False)
-        sweep_s = time.perf_counter() - t0
-        per = score_sweep(res.index, folder, ds, clip).per_ratio()
-        decoder = "plain sampling" if beams == 1 else f"beam-sample, {beams} beams"
-        print(f"\n{decoder}: run_sweep with PNG files {sweep_s:.1f} s. Mean scores per α_r ({clip.name}):")
-        factors = sweep_factor_scores(res.index, folder, ds, judge)
-        print(f"{'α_r':>5s}{'history CIS':>13s}{'reference CS':>14s}{'glyph = ref':>13s}{'colour = ref':>14s}"
-              f"{'style = history':>17s}")
-        for p, f in zip(per, factors):
-            p["factors"] = {k: round(v, 4) for k, v in f.items() if k != "ref_mask_ratio"}
-            print(f"{p['ref_mask_ratio']:>5.1f}{p['history_cis']:>13.2f}{p['reference_cs']:>14.2f}"
-                  f"{f['semantic']:>13.1%}{f['colour_vs_reference']:>14.1%}{f['style']:>17.1%}")
-        tradeoff[f"beams{beams}"] = {"decoder": decoder, "run_sweep_s": round(sweep_s, 2), "per_ratio": per}
-    report = {"model": label, "scenario": args.scenario, "samples": len(samples), "ratios": ratios,
+        runs = []
+        for k, lab in enumerate(labels):
+            m = model if k == 0 else load_model(k)
+            tag = f"beams{beams}" if len(labels) == 1 else f"sft{k}-beams{beams}"
+            folder = Path(args.out) / "inference" / tag / "test"
+            t0 = time.perf_counter()
+            res = run_sweep(m, ds, "test", folder, tcfg, max_samples=args.samples, model_label=lab, resume=False)
+            sweep_s = time.perf_counter() - t0
+            scores = score_sweep(res.index, folder, ds, clip)
+            per, slopes = scores.per_ratio(), scores.slopes()
+            factors = sweep_factor_scores(res.index, folder, ds, judge)
+            for p, f in zip(per, factors):
+                p["factors"] = {name: round(v, 4) for name, v in f.items() if name != "ref_mask_ratio"}
+            print(f"\n{decoder}, {lab}: run_sweep with PNG files {sweep_s:.1f} s. Mean scores per α_r ({clip.name}):")
+            print_rows(per)
+            print_slopes(slopes, f"over the {len(scores.indices)} samples")
+            runs.append({"model": lab, "run_sweep_s": round(sweep_s, 2), "per_ratio": per, "slopes": slopes})
+        entry = runs[0] if len(runs) == 1 else {"runs": runs, **mean_over_runs(runs)}
+        if len(runs) > 1:
+            print(f"\n{decoder}: mean over the {len(runs)} SFT runs")
+            print_rows(entry["per_ratio"])
+            print_slopes(entry["slopes"], f"over the {len(runs)} runs (each: the mean over its samples)")
+        tradeoff[f"beams{beams}"] = {"decoder": decoder, **entry}
+    report = {"model": labels, "scenario": args.scenario, "samples": len(samples), "ratios": ratios,
               "batch_size": cfg.batch_size, "num_beams": cfg.sampling.num_beams, "threads": torch.get_num_threads(),
               "timing": timing, "tradeoff": tradeoff}
     out = Path(args.out) / "bench_sweep.json"

@@ -151,6 +151,22 @@ class SweepScores:
                  "reference_cs": float(self.cs[:, j].mean()), "score": float(s[:, j].mean())}
                 for j, r in enumerate(self.ratios)]
 
+    def slopes(self) -> dict[str, dict[str, float]]:
+        """The trade-off's direction with its uncertainty: per sample, the least-squares slope of history CIS and of
+        reference CS over α_r (score per unit α_r); returns ``{"history_cis" | "reference_cs": {"mean", "se"}}``,
+        the mean over samples and its standard error (NaN with a single sample). The mean slope is the slope of the
+        mean curve; the paper's trade-off is a positive CIS slope and a negative CS slope."""
+        x = np.asarray(self.ratios, dtype=np.float64)
+        if len(x) < 2:
+            raise ValueError(f"slopes need at least two ratios, got {list(self.ratios)}")
+        xc = x - x.mean()
+        out = {}
+        for name, y in (("history_cis", self.cis), ("reference_cs", self.cs)):
+            b = (y - y.mean(1, keepdims=True)) @ xc / float(xc @ xc)
+            se = float(b.std(ddof=1) / np.sqrt(len(b))) if len(b) > 1 else float("nan")
+            out[name] = {"mean": float(b.mean()), "se": se}
+        return out
+
     def to_dict(self) -> dict:
         return {"split": self.split, "ratios": list(self.ratios), "indices": list(self.indices),
                 "cis": self.cis.tolist(), "cs": self.cs.tolist()}

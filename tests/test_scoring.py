@@ -128,3 +128,19 @@ def test_sweep_factor_scores_per_ratio(tmp_path):
     assert at0["ref_mask_ratio"] == 0.0 and at0["semantic"] == 1.0 and at0["colour_vs_reference"] == 1.0
     assert at0["style"] == pytest.approx(2 / 3)  # pattern and stroke are the history's, colour is not
     assert at1["semantic"] == 0.0 and at1["colour_vs_reference"] == 0.0 and at1["style"] == 1.0
+
+
+def test_slopes_are_per_sample_least_squares_with_standard_error():
+    # sample 0: CIS rises 10 per unit α_r, CS falls 20; sample 1: CIS rises 30, CS flat
+    r = [0.0, 0.5, 1.0]
+    s = SweepScores("test", r, [0, 1], cis=[[0, 5, 10], [0, 15, 30]], cs=[[40, 30, 20], [7, 7, 7]])
+    got = s.slopes()
+    assert got["history_cis"]["mean"] == pytest.approx(20.0)
+    assert got["history_cis"]["se"] == pytest.approx(np.std([10, 30], ddof=1) / np.sqrt(2))
+    assert got["reference_cs"]["mean"] == pytest.approx(-10.0)
+    # the mean slope is the least-squares slope of the mean curve; noise around a line does not move it
+    noisy = SweepScores("test", r, [0], cis=[[1, 9, 9]], cs=[[0, 0, 0]])
+    assert noisy.slopes()["history_cis"]["mean"] == pytest.approx(np.polyfit(r, [1, 9, 9], 1)[0])
+    assert np.isnan(noisy.slopes()["history_cis"]["se"])
+    with pytest.raises(ValueError, match="two ratios"):
+        SweepScores("test", [0.0], [0], [[1.0]], [[1.0]]).slopes()
