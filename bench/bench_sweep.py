@@ -199,6 +199,7 @@ def main() -> None:
               "batch_size": cfg.batch_size, "num_beams": cfg.sampling.num_beams, "threads": torch.get_num_threads(),
               "timing": timing, "tradeoff": tradeoff}
     out = Path(args.out) / "bench_sweep.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print("wrote", out)
 

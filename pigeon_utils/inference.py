@@ -219,8 +219,8 @@ def prefill(model: PigeonModel, batch: PigeonBatch, ref_mask_ratios: Sequence[fl
 
 def _reserve(cache, extra: int) -> None:
     """Give every layer of a transformers ≥ 5 ``DynamicCache`` room for `extra` more positions, so each generated
-    token is written in place instead of copying the whole cache (``DynamicLayer.update`` concatenates: with a
-    beam-sample sweep's 176 rows that copy was ~85 % of the token loop on the CPU). Results are unchanged: the
+    token is written in place instead of copying the whole cache (``DynamicLayer.update`` concatenates: a toy
+    beam-sample sweep's token stage took 11.1 s with that copy, 8.2 s without, README). Results are unchanged: the
     attention reads the same values. A transformers 4.x cache (key / value lists) is left as it is."""
     layers = getattr(cache, "layers", None)
     if not layers:
