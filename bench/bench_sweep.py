@@ -28,10 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 import pigeon_utils  # noqa: F401
 import torch
 
@@ -126,6 +125,7 @@ def main() -> None:
     run = config.resolve(preset="toy", scenario=args.scenario, run_dir=args.out, checkpoint_dir=args.checkpoint_dir,
                          data_dir=args.data_dir, device="cpu")
     backbone = load_backbone("toy", run.checkpoint_dir)
+
     def load_model(k: int):
         """Model k of ``--sft`` on a backbone of its own (each injects its LoRA into its LMM)."""
         if not args.sft:
