@@ -46,6 +46,13 @@ import pigeon_utils  # noqa: F401  (offline defaults, torchvision guard)
 FEATURE_TARGETS = ("image", "image+meaning")  # BuildConfig.detok_feature_target
 
 
+def check_feature_target(target: str) -> str:
+    """`target` if it is one of FEATURE_TARGETS, else a ValueError naming it."""
+    if target not in FEATURE_TARGETS:
+        raise ValueError(f"detok_feature_target={target!r}: expected one of {FEATURE_TARGETS}")
+    return target
+
+
 @dataclass
 class BuildConfig:
     seed: int = 0
@@ -127,8 +134,7 @@ class BuildConfig:
     figures: bool = True
 
     def __post_init__(self):  # a bad recipe fails when it is made, not 20 minutes into a build
-        if self.detok_feature_target not in FEATURE_TARGETS:
-            raise ValueError(f"detok_feature_target={self.detok_feature_target!r}: expected one of {FEATURE_TARGETS}")
+        check_feature_target(self.detok_feature_target)
 
 
 SMOKE = dict(smoke=True, threads=1, n_fit=96, n_pool=96, n_lmm_pool=96, n_heldout_combos=4, use_dataset_images=False,
@@ -263,8 +269,7 @@ def detokenizer_features(clip, images: np.ndarray, factors: list[dict], target: 
     E (docs/toy-tradeoff-journal.md, tenth session)."""
     from pigeon_utils.toy_data import GLYPHS, semantics_texts
 
-    if target not in FEATURE_TARGETS:
-        raise ValueError(f"detok_feature_target={target!r}: expected one of {FEATURE_TARGETS}")
+    check_feature_target(target)
     feats = clip.image_features(images)
     if target == "image":
         return feats
