@@ -133,7 +133,8 @@ def main() -> None:
         return load_sft_model(backbone if k == 0 else load_backbone("toy", run.checkpoint_dir), args.sft[k])
 
     labels = [f"SFT ({f})" for f in args.sft] if args.sft else ["pre-trained (no SFT)"]
-    model, label = load_model(0), labels[0]
+    models = [load_model(0)] + [None] * (len(labels) - 1)  # the others load on first use, once
+    model, label = models[0], labels[0]
     ds = open_dataset(run.data_dir, run.scenario)
     samples = ds.samples("test")[: args.samples]
     cfg = InferenceConfig.for_preset("toy", sampling={"num_beams": args.num_beams}, batch_size=args.batch_size,
@@ -174,7 +175,9 @@ def main() -> None:
                                           seed=args.seed)
         runs = []
         for k, lab in enumerate(labels):
-            m = model if k == 0 else load_model(k)
+            if models[k] is None:
+                models[k] = load_model(k)
+            m = models[k]
             tag = f"beams{beams}" if len(labels) == 1 else f"sft{k}-beams{beams}"
             folder = Path(args.out) / "inference" / tag / "test"
             t0 = time.perf_counter()
