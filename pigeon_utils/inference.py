@@ -325,10 +325,30 @@ def _draw_without_replacement(probs: Tensor, u: Tensor) -> tuple[Tensor, Tensor]
     return torch.stack(ids, 1), torch.stack(valid, 1)
 
 
+def _nonzero_columns(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """The non-zero entries of each row of `probs` [G, N] in column order, left-aligned and zero-padded to the
+    longest row: ``(p [G, M], column [G, M])`` (padding: probability 0, column N − 1)."""
+    nz = probs > 0
+    count = nz.sum(1)
+    r, c = nz.nonzero(as_tuple=True)  # row-major: each row's columns ascending
+    slot = torch.arange(len(r), device=probs.device) - (count.cumsum(0) - count)[r]
+    m = max(1, int(count.max()))
+    col = torch.full((probs.shape[0], m), probs.shape[1] - 1, dtype=torch.long, device=probs.device)
+    p = probs.new_zeros(probs.shape[0], m)
+    col[r, slot], p[r, slot] = c, probs[r, c]
+    return p, col
+
+
 def _beam_candidates(flat: Tensor, u: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One beam-sample draw: `flat` [G, K·V] running scores over every (beam, id), `u` [G, 2K] uniforms ->
-    candidates sorted by score, descending: ``(score, id, beam, valid)``, each [G, 2K] (invalid: score −inf)."""
-    idx, valid = _draw_without_replacement(torch.softmax(flat, dim=-1), u)
+    candidates sorted by score, descending: ``(score, id, beam, valid)``, each [G, 2K] (invalid: score −inf).
+
+    After top-k filtering at most K·top_k of the K·V entries are non-zero, so the draws run over those alone, in
+    the same column order: the cumulative sums (accumulated in double on the CPU) and hence the drawn ids are the
+    ones of the full rows; an invalid draw (no probability left) is column K·V − 1, as in the full rows."""
+    p, col = _nonzero_columns(torch.softmax(flat, dim=-1))
+    j, valid = _draw_without_replacement(p, u)
+    idx = col.gather(1, j).masked_fill(~valid, flat.shape[1] - 1)
     score = flat.gather(1, idx).masked_fill(~valid, float("-inf"))
     score, order = score.sort(dim=1, descending=True, stable=True)
     idx, valid = idx.gather(1, order), valid.gather(1, order)
@@ -367,9 +387,13 @@ def _reorder_generated(cache, parent: Tensor, start: int) -> None:
         pairs = [(layer.keys, layer.values) for layer in cache.layers]
     else:
         pairs = list(zip(cache.key_cache, cache.value_cache))
+    moved = (parent != torch.arange(len(parent), device=parent.device)).nonzero().squeeze(1)
+    if len(moved) == 0:
+        return
+    src = parent[moved]  # only rows that take another beam's tokens are copied (the right side is read first)
     for keys, values in pairs:  # one per layer
-        keys[:, :, start:] = keys[parent, :, start:]
-        values[:, :, start:] = values[parent, :, start:]
+        keys[moved, :, start:] = keys[src, :, start:]
+        values[moved, :, start:] = values[src, :, start:]
 
 
 def _keep_best(scores: Tensor, tokens: Tensor, lengths: Tensor, k: int):

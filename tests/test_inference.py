@@ -288,6 +288,26 @@ def test_beam_bookkeeping_by_hand():
     assert idx[0, :3].tolist() == [3, 2, 0] and ok.tolist() == [[True, True, True, False]]
 
 
+def test_beam_candidates_draw_over_nonzero_entries_as_over_full_rows():
+    """`_beam_candidates` draws over the non-zero entries only; ids, scores and validity are those of the draws over
+    the full rows, also for a row with fewer entries than draws (its last draws invalid, id K·V − 1)."""
+    from pigeon_utils.inference import _beam_candidates, _draw_without_replacement, _filter_logits
+
+    g = torch.Generator().manual_seed(3)
+    k, vocab = 3, 40
+    flat = _filter_logits(torch.randn(5 * k, vocab, generator=g), 6, 1.0, min_keep=2).reshape(5, k * vocab)
+    flat[4] = float("-inf")
+    flat[4, [7, 50, 99]] = torch.tensor([-1.0, -0.5, -2.0])  # 3 entries for 2K = 6 draws
+    u = torch.rand(5, 2 * k, generator=g)
+    score, ids, beam, valid = _beam_candidates(flat, u, vocab)
+    idx, ok = _draw_without_replacement(torch.softmax(flat, -1), u)
+    want = flat.gather(1, idx).masked_fill(~ok, float("-inf"))
+    order = want.sort(dim=1, descending=True, stable=True).indices
+    assert torch.equal(valid, ok.gather(1, order)) and torch.equal(score, want.gather(1, order))
+    assert torch.equal(ids + beam * vocab, idx.gather(1, order))
+    assert valid[4].tolist() == [True] * 3 + [False] * 3 and (ids[4, 3:] + beam[4, 3:] * vocab == k * vocab - 1).all()
+
+
 def test_reserved_cache_matches_concatenating_cache():
     """`_reserve` (generated tokens written in place into spare room) holds exactly what transformers' concatenating
     DynamicCache holds through every operation the sampling loops use: appends past the room (it grows), repeat and
