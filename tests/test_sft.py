@@ -41,7 +41,7 @@ def small_cfg(**kw):
     from pigeon_utils.sft import SFTConfig
 
     base = dict(lr=3e-3, batch_size=4, max_steps=6, warmup_steps=2, eval_every=3, max_eval_samples=4,
-                patience=10, seed=7, max_train_samples=12,
+                patience=10, seed=7, max_train_samples=12, adapter_only_steps=0,
                 model=dict(adapter_hidden=16, mask_feedforward=32, lora_r=4, lora_alpha=8))
     model_kw = {**base.pop("model"), **kw.pop("model", {})}
     return SFTConfig.for_preset("toy", **{**base, **kw}, model=model_kw)
@@ -134,13 +134,27 @@ def test_reference_keep_values_carry_gradient_through_the_detokenizer(backbone_f
             assert keep.grad is None or (keep.grad == 0).all()
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, backbone_factory):
+@pytest.mark.parametrize("adapter_only_steps", [0, 3])
+def test_resume_matches_uninterrupted_run(tmp_path, backbone_factory, adapter_only_steps):
     from pigeon_utils.sft import latest_checkpoint, train_sft
 
-    cfg = small_cfg()
+    cfg = small_cfg(adapter_only_steps=adapter_only_steps)
     a = train_sft(cfg, run_cfg(tmp_path / "a"), backbone=backbone_factory(), progress=False)
     b1 = train_sft(cfg, run_cfg(tmp_path / "b"), backbone=backbone_factory(), progress=False, interrupt_after=4)
     assert b1.steps == 4 and latest_checkpoint(tmp_path / "b" / "sft").name == "checkpoint-4"
+    if adapter_only_steps:  # after 3 adapter-only steps and one more, LoRA B (zero at the start) moved once
+        early = train_sft(cfg, run_cfg(tmp_path / "c"), backbone=backbone_factory(), progress=False,
+                          interrupt_after=3)
+        s3, s4 = trained_state(early.model), trained_state(b1.model)
+        lora_b = [k for k in s3 if "lora_B" in k]
+        assert lora_b and all(s3[k].abs().sum() == 0 for k in lora_b)
+        assert any(s4[k].abs().sum() > 0 for k in lora_b)
+        from pigeon_utils.model import PigeonModel
+
+        torch.manual_seed(cfg.seed)  # the initial state, as train_sft initialises it
+        init = trained_state(PigeonModel(backbone_factory(), cfg.model))
+        ad = [k for k in s3 if k.startswith("adapter.")]
+        assert ad and all(not torch.equal(s3[k], init[k]) for k in ad)
     b2 = train_sft(cfg, run_cfg(tmp_path / "b"), backbone=backbone_factory(), progress=False, resume=True)
     assert a.steps == b2.steps == 6
     sa, sb = trained_state(a.model), trained_state(b2.model)
@@ -167,6 +181,9 @@ def test_bad_config_values_are_named():
         SFTConfig.for_preset("toy", model=dict(mask_type="nope"))
     with pytest.raises(ValueError, match="preset"):
         SFTConfig.for_preset("big")
+    with pytest.raises(ValueError, match="adapter_only_steps"):
+        SFTConfig.for_preset("toy", adapter_only_steps=-1)
+    assert SFTConfig.for_preset("lavit").adapter_only_steps == 0  # the reference trains everything from the start
 
 
 # ------------------------------------------------------------------------------------------- data parallel
