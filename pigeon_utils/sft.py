@@ -83,8 +83,7 @@ class SFTConfig:
     other trainable part — LoRA, a straight-through mask generator — has learning rate 0, then follows the same
     schedule); 0 (the reference, spec §3.5) trains everything from the start. The toy preset uses 300: with it, four
     toy-sticker SFT seeds all learn to draw the reference's glyph from E (beam-sample: 33–48 % at α_r = 0, chance
-    14 %), where
-    without it one seed in four did (deviation S8, README).
+    14 %), where without it one seed in four did (deviation S8, README).
     """
 
     lr: float = 1e-5
