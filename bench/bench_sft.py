@@ -14,6 +14,7 @@ It prints both, the validation losses (pre-trained = step 0, SFT = best) and the
 
     .venv/bin/python bench/bench_sft.py [--run-dir runs/bench-sft] [--alpha-r 0.5] [--test-samples 207]
                                         [--max-steps N] [--scenario movie] [--sft-seed 123]
+                                        [--adapter-only-steps 300]
 
 Several ``--sft-seed`` runs (each in its own ``--run-dir``) give the spread that ``bench/bench_sweep.py --sft A B
 …`` averages the α_r trade-off over.
@@ -40,10 +41,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="generation seed")
     ap.add_argument("--sft-seed", type=int, default=None,
                     help="SFT seed (initialisation, data order, masks; default: the toy preset's, 123)")
+    ap.add_argument("--adapter-only-steps", type=int, default=None,
+                    help="steps in which the adapter learns alone (default: the toy preset's, 300; 0: the reference)")
     args = ap.parse_args()
 
     run = config.resolve(preset="toy", scenario=args.scenario, run_dir=args.run_dir, device="cpu")
-    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("seed", args.sft_seed)) if v is not None}
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("seed", args.sft_seed),
+                                   ("adapter_only_steps", args.adapter_only_steps)) if v is not None}
     cfg = SFTConfig.for_preset("toy", **overrides)
     t0 = time.perf_counter()
     res = train_sft(cfg, run, resume=False)
