@@ -82,7 +82,7 @@ class SFTConfig:
     fp32 (``"no"``) on CPU. ``adapter_only_steps``: for the first N optimiser steps only the adapter learns (every
     other trainable part — LoRA, a straight-through mask generator — has learning rate 0, then follows the same
     schedule); 0 (the reference, spec §3.5) trains everything from the start. The toy preset uses 300: with it, four
-    toy-sticker SFT seeds all learn to draw the reference's glyph from E (beam-sample: 33–48 % at α_r = 0, chance
+    toy-sticker SFT seeds all learn to draw the reference's glyph from E (beam-sample: 31–60 % at α_r = 0, chance
     14 %), where without it one seed in four did (deviation S8, README).
     """
 
