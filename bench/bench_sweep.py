@@ -9,8 +9,8 @@ On the toy backbone on the CPU, for the same test samples, seed and batch size, 
   again, the whole prompt is read for that α_r alone, and the images are decoded per batch.
 
 Both produce the same visual tokens (same per-row seeds) up to float rounding between batch shapes, which can flip a
-near-tie draw: the number of identical (sample, α_r) rows is printed. The arms alternate ``--repeats`` times and the fastest repeat
-of each counts (the machine is shared). Printed: seconds for the token stage (tokenization, masks,
+near-tie draw: the number of identical (sample, α_r) rows is printed. The arms alternate ``--repeats`` times and the
+fastest repeat of each counts (the machine is shared). Printed: seconds for the token stage (tokenization, masks,
 LMM, sampling), for decoding, and both ratios sweep / separate (with the decoder of ``--num-beams``, plain sampling
 by default). Then, for each decoder of ``--tradeoff-beams`` (default: the reference's beam-sample, 4 beams, and plain
 sampling), ``run_sweep`` writes the sweep's images and the toy CLIP scores them: mean history CIS and reference CS
