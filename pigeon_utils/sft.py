@@ -81,9 +81,9 @@ class SFTConfig:
     ``"adamw_bnb_8bit"`` (upstream; needs bitsandbytes and a GPU). ``mixed_precision``: ``"auto"`` = bf16 on CUDA,
     fp32 (``"no"``) on CPU. ``adapter_only_steps``: for the first N optimiser steps only the adapter learns (every
     other trainable part — LoRA, a straight-through mask generator — has learning rate 0, then follows the same
-    schedule); 0 (the reference, spec §3.5) trains everything from the start. The toy preset uses 300: with it, four
-    toy-sticker SFT seeds all learn to draw the reference's glyph from E (beam-sample: 31–60 % at α_r = 0, chance
-    14 %), where without it one seed in four did (deviation S8, README).
+    schedule); 0 (the reference, spec §3.5) trains everything from the start. The toy preset uses 300: with it, five
+    toy-sticker SFT seeds of six learn to draw the reference's glyph from E (beam-sample: 31–60 % at α_r = 0,
+    chance 14 %), where without it one seed in four did (deviation S8, README).
     """
 
     lr: float = 1e-5
