@@ -355,8 +355,9 @@ class SFTResult:
 
 
 def _linear_schedule(step: int, warmup: int, total: int) -> float:
-    """Learning-rate factor: linear warm-up over `warmup` steps, then linear decay to 0 at `total` (the factor of
-    transformers' ``get_linear_schedule_with_warmup``, which takes a single schedule for all parameter groups)."""
+    """Learning-rate factor: linear warm-up over `warmup` steps, then linear decay to 0 at `total` — the factor of
+    transformers' ``get_linear_schedule_with_warmup`` (HF Trainer's ``linear``, spec §3.5), written out because that
+    function gives every parameter group the same schedule and ``adapter_only_steps`` needs one per group."""
     if step < warmup:
         return step / max(1, warmup)
     return max(0.0, (total - step) / max(1, total - warmup))
@@ -464,18 +465,16 @@ def train_sft(cfg: SFTConfig, run, *, backbone=None, out_dir: Path | str | None 
         total_steps = min(total_steps, cfg.max_steps)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    sched = functools.partial(_linear_schedule, warmup=cfg.warmup_steps, total=total_steps)
     if cfg.adapter_only_steps:  # two groups: everything but the adapter waits (learning rate 0) at first
         adapter = {id(p) for p in model.adapter.parameters()}
-        optimizer = _make_optimizer(cfg, [{"params": [p for p in params if id(p) not in adapter]},
-                                          {"params": [p for p in params if id(p) in adapter]}])
-        sched = functools.partial(_linear_schedule, warmup=cfg.warmup_steps, total=total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
-            lambda step: 0.0 if step < cfg.adapter_only_steps else sched(step), sched])
+        groups = [{"params": [p for p in params if id(p) not in adapter]},
+                  {"params": [p for p in params if id(p) in adapter]}]
+        lambdas = [lambda step: 0.0 if step < cfg.adapter_only_steps else sched(step), sched]
     else:
-        from transformers import get_linear_schedule_with_warmup
-
-        optimizer = _make_optimizer(cfg, params)
-        scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+        groups, lambdas = params, sched
+    optimizer = _make_optimizer(cfg, groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     pmodel, optimizer, train_dl, valid_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, valid_dl,
                                                                            scheduler)
 

@@ -172,6 +172,17 @@ def test_resume_matches_uninterrupted_run(tmp_path, backbone_factory, adapter_on
     assert not list((tmp_path / "a" / "sft").glob(".*tmp*"))
 
 
+def test_linear_schedule_is_transformers_linear_schedule():
+    from transformers import get_linear_schedule_with_warmup
+
+    from pigeon_utils.sft import _linear_schedule
+
+    for warmup, total in ((20, 600), (0, 7), (5, 5)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        hf = get_linear_schedule_with_warmup(opt, warmup, total).lr_lambdas[0]
+        assert [_linear_schedule(s, warmup, total) for s in range(total + 3)] == [hf(s) for s in range(total + 3)]
+
+
 def test_bad_config_values_are_named():
     from pigeon_utils.sft import SFTConfig
 
