@@ -40,7 +40,7 @@ from pigeon_utils.backbone import load_backbone
 from pigeon_utils.data import open_dataset
 from pigeon_utils.inference import (InferenceConfig, SeededImageTokens, row_seed, run_sweep, sweep_batch,
                                     sweep_tokens)
-from pigeon_utils.scoring import load_clip, score_sweep, sweep_factor_scores
+from pigeon_utils.scoring import load_clip, mean_se, score_sweep, sweep_factor_scores
 from pigeon_utils.sft import SFTConfig, load_sft_model, pretrained_model
 from pigeon_utils.toy.load import load_toy_clip
 
@@ -96,10 +96,7 @@ def mean_over_runs(runs: list[dict]) -> dict:
         per.append({"ref_mask_ratio": p["ref_mask_ratio"],
                     **{k: float(np.mean([r[k] for r in rows])) for k in ("history_cis", "reference_cs", "score")},
                     "factors": {k: float(np.mean([r["factors"][k] for r in rows])) for k in p["factors"]}})
-    slopes = {}
-    for name in ("history_cis", "reference_cs"):
-        b = np.array([r["slopes"][name]["mean"] for r in runs])
-        slopes[name] = {"mean": float(b.mean()), "se": float(b.std(ddof=1) / np.sqrt(len(b)))}
+    slopes = {name: mean_se([r["slopes"][name]["mean"] for r in runs]) for name in ("history_cis", "reference_cs")}
     return {"per_ratio": per, "slopes": slopes}
 
 

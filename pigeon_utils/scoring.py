@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SELECT_WEIGHT", "GENERATED_SIZE", "history_cis", "reference_cs", "combined_score", "ClipScorer",
-           "load_clip", "SweepScores", "score_sweep", "Selection", "select_per_sample", "select_on_validation"]
+__all__ = ["SELECT_WEIGHT", "GENERATED_SIZE", "history_cis", "reference_cs", "combined_score", "mean_se",
+           "ClipScorer", "load_clip", "SweepScores", "score_sweep", "Selection", "select_per_sample", "select_on_validation"]
 
 #: weight of the reference CS in the selection score (``select_ratio = 0.5`` upstream)
 SELECT_WEIGHT = 0.5
@@ -61,6 +61,14 @@ def reference_cs(image_feats: Tensor, text_feats: Tensor) -> Tensor:
         raise ValueError(f"reference_cs needs image_feats and text_feats of the same shape [N, D]; got "
                          f"{tuple(g.shape)} and {tuple(t.shape)}")
     return 100.0 * (_unit(g) * _unit(t)).sum(-1)
+
+
+def mean_se(values) -> dict[str, float]:
+    """``{"mean", "se"}``: the mean of `values` and its standard error (sample standard deviation / √n; NaN for a
+    single value)."""
+    v = np.asarray(values, dtype=np.float64)
+    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return {"mean": float(v.mean()), "se": se}
 
 
 def combined_score(cs, cis, weight: float = SELECT_WEIGHT):
@@ -160,12 +168,8 @@ class SweepScores:
         if len(x) < 2:
             raise ValueError(f"slopes need at least two ratios, got {list(self.ratios)}")
         xc = x - x.mean()
-        out = {}
-        for name, y in (("history_cis", self.cis), ("reference_cs", self.cs)):
-            b = (y - y.mean(1, keepdims=True)) @ xc / float(xc @ xc)
-            se = float(b.std(ddof=1) / np.sqrt(len(b))) if len(b) > 1 else float("nan")
-            out[name] = {"mean": float(b.mean()), "se": se}
-        return out
+        return {name: mean_se((y - y.mean(1, keepdims=True)) @ xc / float(xc @ xc))
+                for name, y in (("history_cis", self.cis), ("reference_cs", self.cs))}
 
     def to_dict(self) -> dict:
         return {"split": self.split, "ratios": list(self.ratios), "indices": list(self.indices),
