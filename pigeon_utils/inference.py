@@ -49,6 +49,7 @@ from torch import Tensor
 
 from pigeon_utils.atomic import atomic_write
 from pigeon_utils.model import PigeonBatch, PigeonModel, VisualOnlyLogitsProcessor
+from pigeon_utils.prefix_attention import SharedPrefixCache, use_shared_prefix
 from pigeon_utils.prompts import encode_prompt, segment_prompt
 from pigeon_utils.sequence import IGNORE_INDEX
 from pigeon_utils.sft import ImageTokenCache, SFTCollator
@@ -178,8 +179,14 @@ def _lm(model: PigeonModel):
 def _run_lm(lm, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache=None):
     """One cached forward of the LMM trunk; returns ``(last hidden state [N, D], cache)``.
 
-    transformers ≥ 5 names the cache ``cache`` (argument and output), earlier versions ``past_key_values``."""
+    transformers ≥ 5 names the cache ``cache`` (argument and output), earlier versions ``past_key_values``. A
+    :class:`~pigeon_utils.prefix_attention.SharedPrefixCache` runs with the shared-prefix attention."""
     kw = "cache" if _accepts(lm.model.forward, "cache") else "past_key_values"
+    if isinstance(cache, SharedPrefixCache):
+        with use_shared_prefix(lm):
+            out = lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=True, cache=cache, shared_prefix=cache)
+        return out.last_hidden_state[:, -1], cache
     out = lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=True, **({kw: cache} if cache is not None else {}))
     return out.last_hidden_state[:, -1], getattr(out, kw)
@@ -187,13 +194,16 @@ def _run_lm(lm, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Ten
 
 @torch.no_grad()
 def prefill(model: PigeonModel, batch: PigeonBatch, ref_mask_ratios: Sequence[float], *,
-            hist_mask_ratio: Optional[float] = None, share_prefix: bool = True):
+            hist_mask_ratio: Optional[float] = None, share_prefix: bool = True, reserve: int = 0):
     """Run the inference prompts of `batch` for every α_r of `ref_mask_ratios`; return ``(logits [B·R, V],
-    cache, attention_mask [B·R, T], next_position [B·R])`` for the first generated token.
+    cache, attention_mask [B·R, T], next_position [B·R])`` for the first generated token; the cache has room for
+    `reserve` more positions per row.
 
     Rows are sample-major (row ``b·R + r`` = sample b at ``ref_mask_ratios[r]``). With ``share_prefix`` the LMM
-    reads the columns before the earliest ``<emb>`` slot once per sample and the cache is repeated over the ratios;
-    without it every row reads its whole prompt (the reference for tests and benchmarks).
+    reads the columns before the earliest ``<emb>`` slot once per sample, and the cache keeps them once per sample
+    (a :class:`~pigeon_utils.prefix_attention.SharedPrefixCache`: every row of a sample — its ratios, later its
+    beams — attends to the one copy; with transformers < 5 the prefix cache is repeated over the ratios instead);
+    without it every row reads its whole prompt into its own cache (the reference for tests and benchmarks).
     """
     if bool((batch.seq.labels != IGNORE_INDEX).any()):
         raise ValueError("prefill needs inference prompts (assembled with target=None): this batch has labels")
@@ -208,12 +218,17 @@ def prefill(model: PigeonModel, batch: PigeonBatch, ref_mask_ratios: Sequence[fl
     cache = None
     if c > 0:
         _, cache = _run_lm(lm, x[:, :c], seq.attention_mask[:, :c], seq.position_ids[:, :c])
-        if n_r > 1:
+        if _accepts(lm.model.forward, "cache"):  # transformers ≥ 5: read the prefix once per sample
+            owner = torch.arange(b, device=x.device).repeat_interleave(n_r)
+            cache = SharedPrefixCache.from_prefix(cache, seq.attention_mask[:, :c], owner, t - c + reserve)
+        elif n_r > 1:
             cache.batch_repeat_interleave(n_r)
     xs = rep(x[:, c:]).clone()  # the suffix of every (sample, α_r) row
     rows = torch.arange(b * n_r, device=x.device)
     xs[rows, rep(seq.emb_position) - c] = e.reshape(b * n_r, d)
     h, cache = _run_lm(lm, xs, am, pos[:, c:], cache)
+    if reserve and not isinstance(cache, SharedPrefixCache):
+        _reserve(cache, reserve)
     return lm.lm_head(h).float(), cache, am, pos[:, -1] + 1
 
 
@@ -383,6 +398,9 @@ def _reorder_generated(cache, parent: Tensor, start: int) -> None:
     """Reorder the rows of a KV cache to `parent` from position `start` on (in place). Exact when rows that
     `parent` maps onto each other hold the same cache before `start` — the beams of one group share their
     prompt — and copies only the generated part instead of the whole cache."""
+    if isinstance(cache, SharedPrefixCache):
+        cache.reorder_generated(parent, start)
+        return
     if hasattr(cache, "layers"):  # transformers 5: one layer object per layer; 4.x: key / value lists
         pairs = [(layer.keys, layer.values) for layer in cache.layers]
     else:
@@ -420,9 +438,9 @@ def sweep_tokens(model: PigeonModel, batch: PigeonBatch, ref_mask_ratios: Sequen
     model.eval()
     layout = model.layout
     n_r = len(ref_mask_ratios)
+    # room for every generated token: written in place, not concatenated
     logits, cache, am, next_pos = prefill(model, batch, ref_mask_ratios, hist_mask_ratio=hist_mask_ratio,
-                                          share_prefix=share_prefix)
-    _reserve(cache, sampling.max_new_tokens)  # room for every generated token: written in place, not concatenated
+                                          share_prefix=share_prefix, reserve=sampling.max_new_tokens)
     vocab, dev = logits.shape[1], logits.device
     # per-row uniforms, one generator per (sample, α_r): independent of the batch composition
     draws = 2 * sampling.num_beams if sampling.num_beams > 1 else 1
