@@ -343,9 +343,8 @@ def _draw_without_replacement(probs: Tensor, u: Tensor) -> tuple[Tensor, Tensor]
 def _nonzero_columns(probs: Tensor) -> tuple[Tensor, Tensor]:
     """The non-zero entries of each row of `probs` [G, N] in column order, left-aligned and zero-padded to the
     longest row: ``(p [G, M], column [G, M])`` (padding: probability 0, column N − 1)."""
-    nz = probs > 0
-    count = nz.sum(1)
-    r, c = nz.nonzero(as_tuple=True)  # row-major: each row's columns ascending
+    r, c = (probs > 0).nonzero(as_tuple=True)  # row-major: each row's columns ascending
+    count = torch.bincount(r, minlength=probs.shape[0])
     slot = torch.arange(len(r), device=probs.device) - (count.cumsum(0) - count)[r]
     m = max(1, int(count.max()))
     col = torch.full((probs.shape[0], m), probs.shape[1] - 1, dtype=torch.long, device=probs.device)
@@ -465,6 +464,11 @@ def _processed(procs: list, ids: Tensor, scores: Tensor, step: int, sampling: Sa
     return scores
 
 
+def _tempered(scores: Tensor, temperature: float) -> Tensor:
+    """`scores` / `temperature` (at temperature 1 the same tensor: dividing by 1 changes no bit)."""
+    return scores if temperature == 1.0 else scores / temperature
+
+
 def _plain_sample(model: PigeonModel, prompt: Tensor, logits: Tensor, cache, am: Tensor, next_pos: Tensor, u: Tensor,
                   procs: list, sampling: SamplingConfig) -> list[Tensor]:
     """Plain sampling over the prefilled rows; returns the code ids per row. `prompt` [N, T] input ids, `u`
@@ -477,7 +481,7 @@ def _plain_sample(model: PigeonModel, prompt: Tensor, logits: Tensor, cache, am:
     alive = torch.arange(n, device=prompt.device)  # rows still generating; finished rows leave the batch and cache
     for step in range(sampling.max_new_tokens):
         scores = _processed(procs, ids[alive, : t + step], logits, step, sampling, layout.emb_id)
-        scores = _filter_logits(scores / sampling.temperature, sampling.top_k, sampling.top_p)
+        scores = _filter_logits(_tempered(scores, sampling.temperature), sampling.top_k, sampling.top_p)
         nxt = _sample(torch.softmax(scores, dim=-1), u[alive, step])
         ids[alive, t + step] = nxt
         going = nxt != layout.emb_id
@@ -522,7 +526,7 @@ def _beam_sample(model: PigeonModel, prompt: Tensor, logits: Tensor, cache, am: 
         g = len(grp)
         rows = torch.arange(g, device=dev)[:, None] * k
         scores = _processed(procs, seq[:, : t + step], torch.log_softmax(logits, dim=-1), step, sampling, eos)
-        running = (scores + beam_scores.reshape(-1, 1)) / sampling.temperature
+        running = _tempered(scores.add_(beam_scores.reshape(-1, 1)), sampling.temperature)
         running = _filter_logits(running, sampling.top_k, sampling.top_p, min_keep=2)
         cand_s, cand_i, cand_b, valid = _beam_candidates(running.reshape(g, k * vocab), u[grp, step], vocab)
         finish, next_s, next_i, next_b = _beam_process(cand_s, cand_i, cand_b, valid, k, eos)

@@ -17,6 +17,7 @@ cache classes repeat the prefix per row and its attention functions take one key
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -43,9 +44,8 @@ class SharedPrefixCache:
         self.prefix_mask = prefix_mask.to(torch.bool)
         self.owner = owner
         self.capacity = max(1, int(capacity))
-        self._k: list[Optional[Tensor]] = [None] * len(self.prefix)
-        self._v: list[Optional[Tensor]] = [None] * len(self.prefix)
-        self._len = [0] * len(self.prefix)
+        self._kv: Optional[Tensor] = None  # own keys / values of every layer: [layers, 2, N, H_kv, room, d]
+        self._len = [0] * len(self.prefix)  # own positions written, per layer
         self._groups = None
 
     @classmethod
@@ -64,25 +64,25 @@ class SharedPrefixCache:
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         """Append the rows' new keys / values [N, H_kv, m, d]; returns the rows' own keys / values so far."""
         n, m = self._len[layer_idx], key_states.shape[-2]
-        if self._k[layer_idx] is None:
-            shape = (*key_states.shape[:2], max(self.capacity, m), key_states.shape[-1])
-            self._k[layer_idx], self._v[layer_idx] = key_states.new_empty(shape), value_states.new_empty(shape)
-        elif n + m > self._k[layer_idx].shape[-2]:  # out of room: double it
-            grow = lambda x: torch.cat([x, x.new_empty(*x.shape[:2], max(m, x.shape[-2]), x.shape[-1])], -2)  # noqa
-            self._k[layer_idx], self._v[layer_idx] = grow(self._k[layer_idx]), grow(self._v[layer_idx])
-        self._k[layer_idx][:, :, n:n + m] = key_states
-        self._v[layer_idx][:, :, n:n + m] = value_states
+        if self._kv is None:
+            self._kv = key_states.new_empty(len(self.prefix), 2, *key_states.shape[:2], max(self.capacity, m),
+                                            key_states.shape[-1])
+        elif n + m > self._kv.shape[-2]:  # out of room: double it
+            x = self._kv
+            self._kv = torch.cat([x, x.new_empty(*x.shape[:-2], max(m, x.shape[-2]), x.shape[-1])], -2)
+        kv = self._kv[layer_idx]
+        kv[0, :, :, n:n + m], kv[1, :, :, n:n + m] = key_states, value_states
         self._len[layer_idx] = n + m
-        return self._k[layer_idx][:, :, :n + m], self._v[layer_idx][:, :, :n + m]
+        return kv[0, :, :, :n + m], kv[1, :, :, :n + m]
 
     # ----------------------------------------------------------------------------------------- row operations
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Every row `repeats` times in place (beams): own buffers and owners; the prefix is not copied."""
-        self._rows(lambda x: x.repeat_interleave(repeats, 0))
+        self._rows(lambda x, dim: x.repeat_interleave(repeats, dim))
 
     def batch_select_indices(self, indices: Tensor) -> None:
         """Keep the rows `indices` (in order); samples left without rows leave the prefix."""
-        self._rows(lambda x: x[indices])
+        self._rows(lambda x, dim: x.index_select(dim, indices))
         used = torch.unique_consecutive(self.owner)
         if len(used) < len(self.prefix_mask):
             self.prefix = [(k[used], v[used]) for k, v in self.prefix]
@@ -96,29 +96,60 @@ class SharedPrefixCache:
         moved = (parent != torch.arange(len(parent), device=parent.device)).nonzero().squeeze(1)
         if len(moved) == 0:
             return
-        src, s = parent[moved], start - self.prefix_length
-        for x, n in zip(self._k + self._v, self._len + self._len):
-            if x is not None:  # the written positions only, not the reserved room
-                x[moved, :, s:n] = x[src, :, s:n]
+        src, s, n = parent[moved], start - self.prefix_length, min(self._len)
+        if self._kv is not None:  # every layer at once, the written positions only (not the reserved room)
+            self._kv[:, :, moved, :, s:n] = self._kv[:, :, src, :, s:n]
 
     def _rows(self, fn) -> None:
-        self.owner = fn(self.owner)
-        self._k = [None if x is None else fn(x) for x in self._k]
-        self._v = [None if x is None else fn(x) for x in self._v]
+        self.owner = fn(self.owner, 0)
+        if self._kv is not None:
+            self._kv = fn(self._kv, 2)
         self._groups = None
 
-    def groups(self) -> tuple[Tensor, Tensor, int, Optional[Tensor]]:
-        """``(owner, slot, n_max, pad)``: each row's sample and place among that sample's rows, the most rows of a
-        sample, and each row's prefix padding [N, c] (None without padding); computed once per row layout, shared
-        by every layer."""
+    def groups(self) -> "_Groups":
+        """How the rows fall into samples (computed once per row layout, shared by every layer)."""
         if self._groups is None:
             counts = torch.bincount(self.owner, minlength=len(self.prefix_mask))
             first = counts.cumsum(0) - counts
             slot = torch.arange(len(self.owner), device=self.owner.device) - first[self.owner]
-            pad = ~self.prefix_mask[self.owner]
-            self._groups = (self.owner, slot, max(1, int(counts.max())) if len(self.owner) else 1,
-                            pad if bool(pad.any()) else None)
+            n_max = max(1, int(counts.max())) if len(self.owner) else 1
+            bias = None
+            if not bool(self.prefix_mask.all()):  # left padding: −inf on its scores
+                dtype = self.prefix[0][0].dtype
+                bias = torch.zeros(self.prefix_mask.shape, dtype=dtype, device=self.prefix_mask.device)
+                bias = bias.masked_fill(~self.prefix_mask, float("-inf"))[:, None, None, :]
+            self._groups = _Groups(self.owner, slot, n_max, bool((counts == n_max).all()), bias)
         return self._groups
+
+
+@dataclass
+class _Groups:
+    """Rows grouped by sample: ``owner`` / ``slot`` [N] (a row's sample and its place among that sample's rows),
+    ``n_max`` rows per group (padded), ``equal`` (every sample has ``n_max`` rows: views instead of scatters), the
+    prefix padding as an additive ``bias`` [S, 1, 1, c] (None: no padding)."""
+
+    owner: Tensor
+    slot: Tensor
+    n_max: int
+    equal: bool
+    bias: Optional[Tensor]
+
+    def to_groups(self, x: Tensor, n_samples: int) -> Tensor:
+        """Per-row [N, h, r, m] -> per-sample [S, h, n_max·r, m] (padding rows 0)."""
+        n, h, r, m = x.shape
+        if self.equal:
+            return x.reshape(n_samples, self.n_max, h, r, m).transpose(1, 2).reshape(n_samples, h, self.n_max * r, m)
+        z = x.new_zeros(n_samples, h, self.n_max, r, m)
+        z[self.owner, :, self.slot] = x
+        return z.view(n_samples, h, self.n_max * r, m)
+
+    def from_groups(self, y: Tensor, r: int) -> Tensor:
+        """Per-sample [S, h, n_max·r, m] -> per-row [N, h, r, m]."""
+        s, h, _, m = y.shape
+        y = y.view(s, h, self.n_max, r, m)
+        if self.equal:
+            return y.transpose(1, 2).reshape(s * self.n_max, h, r, m)
+        return y[self.owner, :, self.slot]
 
 
 def shared_prefix_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
@@ -135,30 +166,24 @@ def shared_prefix_attention(module, query: Tensor, key: Tensor, value: Tensor, a
     if dropout:
         raise ValueError("shared-prefix attention is for inference: dropout must be 0")
     pk, pv = shared_prefix.prefix[module.layer_idx]
-    owner, slot, n_max, pad = shared_prefix.groups()
+    grp = shared_prefix.groups()
     n, h, q, d = query.shape
-    hk, own, c = key.shape[1], key.shape[2], pk.shape[2]
+    hk, own, c, n_s = key.shape[1], key.shape[2], pk.shape[2], pk.shape[0]
     g = h // hk  # query heads per key / value head (grouped-query attention)
     scale = d ** -0.5 if scaling is None else scaling
-    qo = query.reshape(n, hk, g * q, d)  # head j reads key / value head j // g
-    s_own = torch.matmul(qo, key.transpose(-1, -2))  # [N, hk, g·q, L]
-    qp = query.new_zeros(len(pk), hk, n_max, g * q, d)  # the queries grouped by sample
-    qp[owner, :, slot] = qo
-    s_pre = torch.matmul(qp.view(len(pk), hk, n_max * g * q, d), pk.transpose(-1, -2))
-    s_pre = s_pre.view(len(pk), hk, n_max, g * q, c)[owner, :, slot]  # [N, hk, g·q, c]
-    scores = torch.cat([s_pre, s_own], dim=-1).float() * scale
-    if pad is not None:  # left padding of the prefix
-        scores[..., :c] = scores[..., :c].masked_fill(pad[:, None, None, :], float("-inf"))
+    qo = (query * scale).reshape(n, hk, g * q, d)  # head j reads key / value head j // g
+    s_own = torch.matmul(qo, key.transpose(-1, -2))  # [N, hk, g·q, own]
+    s_pre = torch.matmul(grp.to_groups(qo, n_s), pk.transpose(-1, -2))  # one product per sample: [S, hk, ·, c]
+    if grp.bias is not None:
+        s_pre += grp.bias
+    scores = torch.cat([grp.from_groups(s_pre, g * q), s_own], dim=-1).float()
     if q > 1:  # query i (own position own − q + i) sees own keys up to its position
         i = torch.arange(q, device=query.device).repeat(g)
         future = torch.arange(own, device=query.device)[None, :] > (own - q + i)[:, None]
         scores[..., c:] = scores[..., c:].masked_fill(future, float("-inf"))
     p = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(p[..., c:], value)  # [N, hk, g·q, d]
-    pp = p.new_zeros(len(pk), hk, n_max, g * q, c)
-    pp[owner, :, slot] = p[..., :c]
-    out_pre = torch.matmul(pp.view(len(pk), hk, n_max * g * q, c), pv).view(len(pk), hk, n_max, g * q, d)
-    out = out + out_pre[owner, :, slot]
+    out += grp.from_groups(torch.matmul(grp.to_groups(p[..., :c], n_s), pv), g * q)
     return out.reshape(n, h, q, d).transpose(1, 2).contiguous(), None
 
 

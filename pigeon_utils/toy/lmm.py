@@ -70,35 +70,34 @@ class ToyVisualGrammar(LogitsProcessor):
     """A ``transformers`` logits processor: visual tokens of a toy image must be ``image token, patch tokens
     with strictly increasing positions``. Vectorised over the batch and the vocabulary.
 
-    ``position`` [codebook_size] is the tokenizer's code -> patch position table (-1 for image tokens).
+    ``position`` [codebook_size] is the tokenizer's code -> patch position table (-1 for image tokens). What is
+    banned depends on the last id only — outside an image (nothing), right after ``[IMG]`` (patches and
+    ``[/IMG]``), or after an image / patch token at position p (image tokens and patches at positions ≤ p) — so
+    the ban of each such state is one precomputed row, and a step is one row lookup and one fill.
     """
 
     def __init__(self, layout: IdLayout, position: Tensor):
         v = layout.vocab_size
         self.layout = layout
-        pos = torch.full((v,), -2, dtype=torch.long)  # -2: not a visual id
+        pos = torch.full((v,), -2, dtype=torch.long)  # -2: not a visual id ([IMG] included)
         pos[layout.visual_offset:] = position
         self.pos = pos
-        self.is_image_tok = pos == -1
-        self.is_patch = pos >= 0
-        self.is_end = torch.zeros(v, dtype=torch.bool)
-        self.is_end[layout.emb_id] = True
+        is_image_tok, is_patch = pos == -1, pos >= 0
+        is_end = torch.zeros(v, dtype=torch.bool)
+        is_end[layout.emb_id] = True
+        # state 0: outside an image; 1: right after [IMG]; 2 + (p + 1): after a token at position p ≥ -1
+        self.bans = torch.stack([torch.zeros(v, dtype=torch.bool), is_patch | is_end]
+                                + [is_image_tok | (is_patch & (pos <= p)) for p in range(-1, int(pos.max()) + 1)])
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         dev = scores.device
         if self.pos.device != dev:  # tables follow the model's device once
-            self.pos, self.is_image_tok = self.pos.to(dev), self.is_image_tok.to(dev)
-            self.is_patch, self.is_end = self.is_patch.to(dev), self.is_end.to(dev)
+            self.pos, self.bans = self.pos.to(dev), self.bans.to(dev)
         last = input_ids[:, -1].to(dev)
         n = scores.shape[-1]
-        pos, is_image_tok, is_patch = self.pos[:n], self.is_image_tok[:n], self.is_patch[:n]
-        after_start = (last == self.layout.img_id)[:, None]
-        last_pos = pos[last.clamp(max=n - 1)]
-        in_image = (last_pos >= -1)[:, None]  # the last token was an image or patch token
-        ban = (after_start & (is_patch | self.is_end[:n])[None]) \
-            | (in_image & is_image_tok[None]) \
-            | (in_image & is_patch[None] & (pos[None] <= last_pos[:, None]))
-        return scores.masked_fill(ban, float("-inf"))
+        last_pos = self.pos[last.clamp(max=n - 1)]
+        state = torch.where(last == self.layout.img_id, 1, torch.where(last_pos >= -1, last_pos + 3, 0))
+        return scores.masked_fill(self.bans.index_select(0, state)[:, :n], float("-inf"))
 
 
 class SuppressText(LogitsProcessor):
