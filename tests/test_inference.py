@@ -348,3 +348,83 @@ def test_reserved_cache_matches_concatenating_cache():
         for c in (plain, reserved):
             _reorder_generated(c, parent, 5)
         same()
+
+
+def _attend_full_rows(q, keys, values, mask):
+    """Reference attention per row: `keys` / `values` [N, H_kv, L, d] the row's whole sequence, `mask` [N, q, L]
+    (True = attend); query heads share key / value heads as transformers' ``repeat_kv`` does."""
+    g = q.shape[1] // keys.shape[1]
+    k, v = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]).transpose(1, 2)
+
+
+def test_shared_prefix_attention_equals_attention_over_full_rows():
+    """The prefix held once per sample + each row's own keys gives the attention of rows that hold their whole
+    sequence: left padding of the prefix, causal new queries, grouped-query heads, equal and unequal numbers of rows
+    per sample, through beam repeats, row selection (a sample leaving), reordering and growth past the room."""
+    from pigeon_utils.prefix_attention import SharedPrefixCache, shared_prefix_attention
+
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    n_s, hk, h, c, d = 3, 2, 4, 6, 8
+    layers = [type("Attn", (), {"layer_idx": i})() for i in range(2)]
+    prefix = [(rnd(n_s, hk, c, d), rnd(n_s, hk, c, d)) for _ in layers]
+    pmask = torch.ones(n_s, c, dtype=torch.bool)
+    pmask[1, :2] = pmask[2, :1] = False  # left padding
+    owner = torch.tensor([0, 0, 1, 1, 1, 2])  # unequal rows per sample
+    cache = SharedPrefixCache(prefix, pmask, owner, capacity=4)
+    own = [[torch.empty(len(owner), hk, 0, d)] * 2 for _ in layers]  # the reference: each row's own keys / values
+
+    def step(q_len: int):
+        n = len(cache.owner)
+        for li, layer in enumerate(layers):
+            q, k, v = rnd(n, h, q_len, d), rnd(n, hk, q_len, d), rnd(n, hk, q_len, d)
+            ok, ov = cache.update(k, v, li)
+            own[li] = [torch.cat([own[li][0], k], 2), torch.cat([own[li][1], v], 2)]
+            assert torch.equal(ok, own[li][0]) and torch.equal(ov, own[li][1])
+            got, _ = shared_prefix_attention(layer, q, ok, ov, None, shared_prefix=cache)
+            m = own[li][0].shape[2]
+            causal = torch.arange(m)[None, :] <= (m - q_len + torch.arange(q_len))[:, None]
+            mask = torch.cat([pmask[cache.owner][:, None, :].expand(-1, q_len, -1),
+                              causal[None].expand(n, -1, -1)], 2)
+            pk, pv = prefix[li]
+            want = _attend_full_rows(q, torch.cat([pk[cache.owner], own[li][0]], 2),
+                                     torch.cat([pv[cache.owner], own[li][1]], 2), mask)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    step(3)  # the suffix: three new queries, causal among themselves
+    step(1)
+    cache.batch_repeat_interleave(2)  # beams: 12 rows
+    owner_ref = owner.repeat_interleave(2)
+    own = [[x.repeat_interleave(2, 0) for x in kv] for kv in own]
+    assert torch.equal(cache.owner, owner_ref)
+    step(1)  # 5 own positions, past the room of 4: the buffer grows
+    parent = torch.tensor([1, 0, 2, 2, 4, 5, 7, 6, 8, 9, 10, 10])  # within each (sample, row) group of beams
+    cache.reorder_generated(parent, c + 4)  # the positions generated after the 4 shared ones
+    for kv in own:
+        for x in kv:
+            x[:, :, 4:] = x[parent, :, 4:]
+    step(1)
+    keep = torch.tensor([4, 5, 6, 7, 8, 9])  # only sample 1's rows: samples 0 and 2 leave the prefix
+    cache.batch_select_indices(keep)
+    own = [[x[keep] for x in kv] for kv in own]
+    assert cache.owner.tolist() == [0] * 6 and len(cache.prefix_mask) == 1
+    prefix = [(k[1:2], v[1:2]) for k, v in prefix]
+    pmask = pmask[1:2]
+    step(1)
+    step(2)
+
+
+def test_sweep_reads_the_prefix_once_per_sample_and_restores_attention(world):
+    """prefill keeps one prefix per sample; the shared-prefix attention is selected only while the sweep runs."""
+    from pigeon_utils.inference import _lm, prefill
+    from pigeon_utils.prefix_attention import SharedPrefixCache
+
+    model, ds = world
+    batch = _batch(model, ds, [0, 1])
+    before = _lm(model).config._attn_implementation
+    _, cache, am, _ = prefill(model, batch, [0.0, 0.5, 1.0], reserve=5)
+    assert isinstance(cache, SharedPrefixCache)
+    assert cache.owner.tolist() == [0, 0, 0, 1, 1, 1] and cache.prefix[0][0].shape[0] == 2
+    assert cache.get_seq_length() == am.shape[1]
+    assert _lm(model).config._attn_implementation == before
