@@ -3,25 +3,26 @@
 On the toy backbone on the CPU, for the same test samples, seed and batch size, side by side in one process:
 
 * **sweep** — :func:`pigeon_utils.inference.sweep_tokens` over all ratios at once (the prompt up to the ``<emb>``
-  slot read once per sample, its KV cache repeated over the ratios, one mask-generator and one detokenizer pass
-  for all ratios), then the images decoded per sample;
+  slot read once per sample and its KV cache kept once per sample for all the ratios' rows, one mask-generator and
+  one detokenizer pass for all ratios), then the images decoded per sample;
 * **separate** — what the paper does (one inference run per α_r, spec §5.3): for each α_r the images are tokenized
-  again, the whole prompt is read for that α_r alone, and the images are decoded per batch.
+  again, the whole prompt is read for that α_r alone, and the images are decoded per batch (the same code: a
+  run's beams share their sample's prefix cache too).
 
 Both produce the same visual tokens (same per-row seeds) up to float rounding between batch shapes, which can flip a
 near-tie draw: the number of identical (sample, α_r) rows is printed. The arms alternate ``--repeats`` times and the
 fastest repeat of each counts (the machine is shared). Printed: seconds for the token stage (tokenization, masks,
-LMM, sampling), for decoding, and both ratios sweep / separate (with the decoder of ``--num-beams``, plain sampling
-by default). Then, for each decoder of ``--tradeoff-beams`` (default: the reference's beam-sample, 4 beams, and plain
-sampling), ``run_sweep`` writes the sweep's images and the toy CLIP scores them: mean history CIS and reference CS
-per α_r (the paper's trade-off: CIS rises, CS falls as α_r grows), with the toy factors that explain them (glyph and
-colour = the reference's, style = the history's), and the per-sample slopes of CIS and CS over α_r (mean ± standard
-error). With several ``--sft`` folders (SFT runs that differ in their seed, ``bench/bench_sft.py --sft-seed``) the
-timing uses the first and the trade-off is scored for each, then averaged over the runs (slopes: mean ± standard
-error over the runs). Everything goes to ``<out>/bench_sweep.json``.
+LMM, sampling), for decoding, and both ratios sweep / separate (with the decoder of ``--num-beams``, by default the
+reference's beam-sample). Then, for each decoder of ``--tradeoff-beams`` (default: the reference's beam-sample, 4
+beams, and plain sampling), ``run_sweep`` writes the sweep's images and the toy CLIP scores them: mean history CIS
+and reference CS per α_r (the paper's trade-off: CIS rises, CS falls as α_r grows), with the toy factors that
+explain them (glyph and colour = the reference's, style = the history's), and the per-sample slopes of CIS and CS
+over α_r (mean ± standard error). With several ``--sft`` folders (SFT runs that differ in their seed,
+``bench/bench_sft.py --sft-seed``) the timing uses the first and the trade-off is scored for each, then averaged
+over the runs (slopes: mean ± standard error over the runs). Everything goes to ``<out>/bench_sweep.json``.
 
     .venv/bin/python bench/bench_sweep.py [--sft runs/toy-sticker/sft/best ...] [--scenario sticker] [--samples 32]
-                                          [--batch-size 4] [--num-beams 1] [--tradeoff-beams 4 1] [--repeats 3]
+                                          [--batch-size 4] [--num-beams 4] [--tradeoff-beams 4 1] [--repeats 3]
                                           [--checkpoint-dir checkpoints/toy] [--data-dir DIR] [--out runs/bench-sweep]
 """
 from __future__ import annotations
@@ -110,8 +111,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32, help="test samples")
     ap.add_argument("--batch-size", type=int, default=4, help="samples per LMM batch")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-beams", type=int, default=1, help="decoder of the timing: 1: plain sampling (default); "
-                                                             "4: the reference's beam-sample")
+    ap.add_argument("--num-beams", type=int, default=4, help="decoder of the timing: 4: the reference's "
+                                                             "beam-sample (default); 1: plain sampling")
     ap.add_argument("--tradeoff-beams", type=int, nargs="*", default=[4, 1],
                     help="decoders whose trade-off is scored (beams per sample; default: beam-sample, then plain; "
                          "none given: timing only)")

@@ -9,9 +9,10 @@ The paper runs one full inference process per α_r ∈ {0.0, 0.1, …, 1.0} (spe
 
 1. :meth:`~pigeon_utils.model.PigeonModel.sweep_embeddings` gives the shared embeddings (history masked at α_h with
    per-sample noise, so the history mask is the same for every α_r) and one ``E`` per α_r;
-2. :func:`prefill` runs the LMM once over the shared prefix (everything before the ``<emb>`` slot) with the KV cache,
-   repeats the cache over the ratios (rows ordered sample-major: row ``b·R + r``), then runs the short suffix
-   (``E``, ``Response:``, ``[IMG]``) for all ``B × R`` rows;
+2. :func:`prefill` runs the LMM once over the shared prefix (everything before the ``<emb>`` slot) with the KV cache
+   and keeps it once per sample (:class:`~pigeon_utils.prefix_attention.SharedPrefixCache`: every row of a sample —
+   its ratios, later their beams — attends to the one copy), then runs the short suffix (``E``, ``Response:``,
+   ``[IMG]``) for all ``B × R`` rows (sample-major: row ``b·R + r``);
 3. :func:`sweep_tokens` generates the visual tokens (spec §5.2: top-k 50, top-p 1, temperature 1, only visual ids and
    ``[/IMG]`` allowed, ``min_new_tokens`` / ``max_new_tokens``, ``[/IMG]`` ends an image) with our own loop over the
    cache (with room reserved for the generated tokens, which are written in place rather than concatenated): plain
@@ -67,8 +68,8 @@ INDEX_VERSION = 1
 # ------------------------------------------------------------------------------------------------- config
 @dataclass
 class SamplingConfig:
-    """Visual-token generation (spec §5.2): top-k 50, top-p 1.0, temperature 1.0, 20…300 new tokens; plain sampling
-    (``num_beams=1``, the issue's decoder) or the reference's beam-sample (``num_beams=4``, length penalty 1).
+    """Visual-token generation (spec §5.2): top-k 50, top-p 1.0, temperature 1.0, 20…300 new tokens; the reference's
+    beam-sample (``num_beams=4``, length penalty 1; the default) or plain sampling (``num_beams=1``).
 
     ``for_preset("toy")`` keeps the decoding settings and shortens the lengths (toy images have 5–25 tokens).
     """
@@ -78,7 +79,7 @@ class SamplingConfig:
     temperature: float = 1.0
     min_new_tokens: int = 20
     max_new_tokens: int = 300
-    num_beams: int = 1
+    num_beams: int = 4
     length_penalty: float = 1.0
 
     def __post_init__(self):
