@@ -4,7 +4,7 @@ On the toy backbone on the CPU, for the same test samples, seed and batch size, 
 
 * **sweep** — :func:`pigeon_utils.inference.sweep_tokens` over all ratios at once (the prompt up to the ``<emb>``
   slot read once per sample and its KV cache kept once per sample for all the ratios' rows, one mask-generator and
-  one detokenizer pass for all ratios), then the images decoded per sample;
+  one detokenizer pass for all ratios), then the images decoded in one call per batch, as ``run_sweep`` does;
 * **separate** — what the paper does (one inference run per α_r, spec §5.3): for each α_r the images are tokenized
   again, the whole prompt is read for that α_r alone, and the images are decoded per batch (the same code: a
   run's beams share their sample's prefix cache too).
@@ -39,8 +39,8 @@ import torch
 from pigeon_utils import config
 from pigeon_utils.backbone import load_backbone
 from pigeon_utils.data import open_dataset
-from pigeon_utils.inference import (InferenceConfig, SeededImageTokens, row_seed, run_sweep, sweep_batch,
-                                    sweep_tokens)
+from pigeon_utils.inference import (InferenceConfig, SeededImageTokens, decode_sweep, row_seed, run_sweep,
+                                    sweep_batch, sweep_tokens)
 from pigeon_utils.scoring import load_clip, mean_se, score_sweep, sweep_factor_scores
 from pigeon_utils.sft import SFTConfig, load_sft_model, pretrained_model
 from pigeon_utils.toy.load import load_toy_clip
@@ -62,10 +62,11 @@ def timed_pass(model, ds, samples, cfg: InferenceConfig,
             codes += sweep_tokens(model, batch.to(model.device), ratios, cfg.sampling, seed=cfg.seed)
         t_tok += time.perf_counter() - t0
         t0 = time.perf_counter()
-        if len(ratios) > 1:  # the sweep: one decoder batch per sample (its images at every α_r)
-            for k, per_ratio in enumerate(codes):
-                model.decode(per_ratio, generator=torch.Generator().manual_seed(row_seed(cfg.seed, k)))
-        else:  # a separate run: one decoder batch per sample batch
+        if len(ratios) > 1:  # the sweep: one decoder call per LMM batch (its samples' images at every α_r)
+            for k0 in range(0, len(codes), cfg.batch_size):
+                ks = list(range(k0, min(k0 + cfg.batch_size, len(codes))))
+                decode_sweep(model, codes[k0:k0 + cfg.batch_size], ks, cfg.seed)
+        else:  # a separate run: one decoder batch per sample batch (its one image per sample)
             for k0 in range(0, len(codes), cfg.batch_size):
                 model.decode([c[0] for c in codes[k0:k0 + cfg.batch_size]],
                              generator=torch.Generator().manual_seed(row_seed(cfg.seed, k0)))

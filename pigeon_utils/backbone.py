@@ -110,8 +110,15 @@ class PixelDecoder(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, cond: Tensor, pooled: Tensor, generator: torch.Generator | None = None,
-               num_inference_steps: int | None = None, guidance_scale: float | None = None) -> Tensor:
-        """Images as float [B, 3, H, W] in [0, 1]; deterministic given `generator`."""
+               num_inference_steps: int | None = None, guidance_scale: float | None = None,
+               noise: Tensor | None = None) -> Tensor:
+        """Images as float [B, 3, H, W] in [0, 1]; deterministic given `generator`. `noise`: the initial latents'
+        standard-normal draw (:meth:`draw_noise`), instead of drawing it from `generator`."""
+
+    @abc.abstractmethod
+    def draw_noise(self, n: int, generator: torch.Generator | None = None, **size) -> Tensor:
+        """The standard-normal initial latents of `n` images that :meth:`decode` draws from `generator` (on the
+        CPU); decoding images with their noise drawn apart gives each image the noise of its own generator."""
 
 
 @dataclass

@@ -20,10 +20,12 @@ The paper runs one full inference process per α_r ∈ {0.0, 0.1, …, 1.0} (spe
    numbers from its own generator, seeded by ``(seed, sample index, α_r)``, so a sample's image at a given α_r does
    not depend on the batch it is generated in (resume gives the same images);
 4. :func:`run_sweep` decodes the tokens (detokenizer → pixel decoder: DDIM, guidance 7 with zero negative
-   conditioning, 25 steps for LaVIT; the toy decoder's own defaults) in one batch per sample, writes
-   ``<out_dir>/<α_r>/<index>_u<uid>_t<target>.png`` and records every finished image in ``<out_dir>/index.json``.
-   Every file is written under a temporary name and renamed, the index is rewritten after each sample, and a re-run
-   skips samples already in the index — an interrupted sweep resumes where it stopped.
+   conditioning, 25 steps for LaVIT; the toy decoder's own defaults) in one call per LMM batch, each sample's noise
+   from its own generator, writes ``<out_dir>/<α_r>/<index>_u<uid>_t<target>.png`` and records every finished
+   image in ``<out_dir>/index.json``. Every file is written under a temporary name and renamed, the index is
+   rewritten after each sample, and a re-run skips samples already in the index — an interrupted sweep resumes
+   where it stopped. Batches are fixed (samples 0…B−1, B…2B−1, …), so a batch cut short is computed again with
+   the same samples and its remaining images are those of an uninterrupted run to the last bit.
 
 Beam-sample follows transformers 4.33.2's ``beam_sample`` (what the reference ran): every step adds each beam's
 processed log-probabilities to its running score, applies temperature and top-k (at least 2 kept) to these running
@@ -56,7 +58,7 @@ from pigeon_utils.sequence import IGNORE_INDEX
 from pigeon_utils.sft import ImageTokenCache, SFTCollator
 
 __all__ = ["PAPER_REF_MASK_RATIOS", "SamplingConfig", "InferenceConfig", "SweepResult", "ratio_key", "row_seed",
-           "prefill", "sweep_tokens", "SeededImageTokens", "sweep_batch", "run_sweep", "load_index",
+           "prefill", "sweep_tokens", "SeededImageTokens", "sweep_batch", "decode_sweep", "run_sweep", "load_index",
            "index_table", "load_image"]
 
 #: α_r values of the paper's sweep (run_inf.sh)
@@ -660,6 +662,18 @@ def _to_uint8(images: Tensor) -> np.ndarray:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+@torch.no_grad()
+def decode_sweep(model: PigeonModel, codes: Sequence[Sequence[Tensor]], indices: Sequence[int], seed: int,
+                 **kw) -> Tensor:
+    """Decode the images of a sweep batch (``codes[b][r]``, samples `indices`) in one pixel-decoder call; returns
+    float images [B·R, 3, H, W], sample-major. Each sample's noise comes from its own generator,
+    ``row_seed(seed, index)``, drawn as if its R images were decoded alone."""
+    decoder = model.backbone.pixel_decoder
+    noise = torch.cat([decoder.draw_noise(len(per), torch.Generator().manual_seed(row_seed(seed, int(k))))
+                       for k, per in zip(indices, codes)])
+    return model.decode([c for per in codes for c in per], noise=noise, **kw)
+
+
 def run_sweep(model: PigeonModel, ds, split: str, out_dir: Path | str, cfg: InferenceConfig, *,
               max_samples: Optional[int] = None, model_label: str = "", resume: bool = True,
               progress: bool = True, interrupt_after: Optional[int] = None) -> SweepResult:
@@ -671,7 +685,8 @@ def run_sweep(model: PigeonModel, ds, split: str, out_dir: Path | str, cfg: Infe
     which notebook 04 turns into preference pairs). A sample enters the index only when all its images are written.
 
     ``resume``: skip samples already in the index (the index's config must equal `cfg`, else a ValueError says what
-    differs); False starts the index over. ``interrupt_after``: stop after this many samples of this call (what a
+    differs; a batch with some samples finished is computed again, only its unfinished samples written); False
+    starts the index over. ``interrupt_after``: stop after this many samples of this call (what a
     killed run leaves behind; used by the tests).
     """
     from tqdm.auto import tqdm
@@ -690,9 +705,14 @@ def run_sweep(model: PigeonModel, ds, split: str, out_dir: Path | str, cfg: Infe
                              f"use another folder or resume=False to start over")
         index["samples"] = old["samples"]
     samples = ds.samples(split)[:max_samples]
-    todo = [k for k in range(len(samples)) if str(k) not in index["samples"]
-            or not all((out_dir / im["path"]).is_file() for im in index["samples"][str(k)]["images"].values())]
+    todo = {k for k in range(len(samples)) if str(k) not in index["samples"]
+            or not all((out_dir / im["path"]).is_file() for im in index["samples"][str(k)]["images"].values())}
     skipped = len(samples) - len(todo)
+    # fixed batches (0…B−1, B…2B−1, …): a resumed sweep computes a batch with the same samples as an uninterrupted
+    # one, so its tokens and pixels are the same to the last bit; a batch whose samples are all finished is skipped
+    size = cfg.batch_size
+    batches = [list(range(k0, min(k0 + size, len(samples)))) for k0 in range(0, len(samples), size)]
+    batches = [chunk for chunk in batches if todo.intersection(chunk)]
     model.eval()
     backbone = model.backbone
     tokens = SeededImageTokens(ds, backbone.tokenizer, cfg.seed)
@@ -703,20 +723,20 @@ def run_sweep(model: PigeonModel, ds, split: str, out_dir: Path | str, cfg: Infe
     t_tok = t_dec = 0.0
     generated = 0
     bar = tqdm(total=len(todo), desc=f"α_r sweep ({split}, {len(ratios)} ratios)", disable=not progress)
-    for k0 in range(0, len(todo), cfg.batch_size):
-        chunk = todo[k0: k0 + cfg.batch_size]
+    for chunk in batches:
         t0 = time.perf_counter()
         batch = sweep_batch(ds, [samples[k] for k in chunk], chunk, backbone, tokens, cfg.seed).to(model.device)
         codes = sweep_tokens(model, batch, ratios, cfg.sampling, seed=cfg.seed, hist_mask_ratio=cfg.hist_mask_ratio)
         t_tok += time.perf_counter() - t0
-        for k, per_ratio in zip(chunk, codes):
+        t0 = time.perf_counter()
+        images = _to_uint8(decode_sweep(model, codes, chunk, cfg.seed, **dec_kw))
+        t_dec += time.perf_counter() - t0
+        for j, (k, per_ratio) in enumerate(zip(chunk, codes)):
+            if k not in todo:  # finished by an earlier run (its batch is computed again, not its files)
+                continue
             s = samples[k]
-            t0 = time.perf_counter()
-            g = torch.Generator().manual_seed(row_seed(cfg.seed, k))  # decoding noise: one generator per sample
-            images = _to_uint8(model.decode(per_ratio, generator=g, **dec_kw))
-            t_dec += time.perf_counter() - t0
             entry = {"uid": s.uid, "gid": s.gid, "history": list(s.history), "target": s.target, "images": {}}
-            for key, c, img in zip(keys, per_ratio, images):
+            for key, c, img in zip(keys, per_ratio, images[j * len(ratios): (j + 1) * len(ratios)]):
                 rel = f"{key}/{k:05d}_u{s.uid}_t{s.target}.png"
                 _save_png(img, out_dir / rel)
                 entry["images"][key] = {"path": rel, "codes": c.tolist()}

@@ -428,3 +428,21 @@ def test_sweep_reads_the_prefix_once_per_sample_and_restores_attention(world):
     assert cache.owner.tolist() == [0, 0, 0, 1, 1, 1] and cache.prefix[0][0].shape[0] == 2
     assert cache.get_seq_length() == am.shape[1]
     assert _lm(model).config._attn_implementation == before
+
+
+def test_decode_sweep_gives_each_sample_its_own_noise(world):
+    """A sweep batch decoded in one call: each sample's images are those of decoding it alone with its generator
+    (up to float rounding between batch shapes); noise for the wrong number of images is refused."""
+    from pigeon_utils.inference import decode_sweep, row_seed
+
+    model, _ = world
+    g = torch.Generator().manual_seed(0)
+    codes = [[torch.randint(0, 50, (n,), generator=g) for n in (3, 5)]] * 3  # the same codes for three samples
+    together = decode_sweep(model, codes, [4, 9, 2], seed=7, num_inference_steps=2)
+    assert together.shape[0] == 6
+    for b, k in enumerate([4, 9, 2]):
+        alone = model.decode(codes[b], generator=torch.Generator().manual_seed(row_seed(7, k)), num_inference_steps=2)
+        torch.testing.assert_close(together[2 * b: 2 * b + 2], alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(together[0:2], together[2:4], atol=1e-3)  # same codes, other sample: other noise
+    with pytest.raises(ValueError, match="noise"):
+        model.decode(codes[0], noise=model.backbone.pixel_decoder.draw_noise(3), num_inference_steps=2)

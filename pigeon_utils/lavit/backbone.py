@@ -386,10 +386,19 @@ class SDXLPixelDecoder(PixelDecoder):
 
         return DDIMScheduler.from_config(self.scheduler_config)
 
+    def draw_noise(self, n: int, generator: torch.Generator | None = None, height: int | None = None,
+                   width: int | None = None, **_) -> Tensor:
+        self.load()
+        h, w = int(height or self.default_size), int(width or self.default_size)
+        shape = (n, self.unet.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+
     @torch.no_grad()
     def decode(self, cond: Tensor, pooled: Tensor, generator: torch.Generator | None = None,
                num_inference_steps: int | None = None, guidance_scale: float | None = None,
-               height: int | None = None, width: int | None = None, batch_size: int | None = None) -> Tensor:
+               height: int | None = None, width: int | None = None, batch_size: int | None = None,
+               noise: Tensor | None = None) -> Tensor:
         """Conditioning -> images float32 [B, 3, H, W] in [0, 1] on the CPU (default 1024² for the real UNet)."""
         self.load()
         steps = int(num_inference_steps or self.default_steps)
@@ -401,9 +410,10 @@ class SDXLPixelDecoder(PixelDecoder):
             raise ValueError(f"cond must be [B, T, D] and pooled [B, D'] with the same B; got "
                              f"{tuple(cond.shape)} and {tuple(pooled.shape)}")
         b = cond.shape[0]
-        shape = (b, self.unet.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+        noise = self.draw_noise(b, generator, height=h, width=w) if noise is None else noise
+        want = (b, self.unet.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
+        if tuple(noise.shape) != want:
+            raise ValueError(f"noise must have shape {want} for {b} images of {h}×{w}, got {tuple(noise.shape)}")
         step = int(batch_size or self.batch_size)
         out = [self._denoise(cond[i:i + step], pooled[i:i + step], noise[i:i + step], steps, g, h, w)
                for i in range(0, b, step)]

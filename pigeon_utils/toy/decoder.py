@@ -99,20 +99,27 @@ class ToyPixelDecoder(PixelDecoder):
     def predict(self, latents: Tensor, t, cond: Tensor, pooled: Tensor) -> Tensor:
         return self.unet(self.unet_input(latents, cond), t, encoder_hidden_states=cond, class_labels=pooled).sample
 
+    def draw_noise(self, n: int, generator: torch.Generator | None = None, **size) -> Tensor:
+        g = self.unet.config.sample_size
+        return torch.randn(n, self.unet.config.out_channels, g, g, generator=generator,
+                           dtype=next(self.unet.parameters()).dtype)
+
     @torch.no_grad()
     def decode(self, cond: Tensor, pooled: Tensor, generator: torch.Generator | None = None,
-               num_inference_steps: int | None = None, guidance_scale: float | None = None) -> Tensor:
+               num_inference_steps: int | None = None, guidance_scale: float | None = None,
+               noise: Tensor | None = None) -> Tensor:
         from diffusers import DDIMScheduler
 
         steps = num_inference_steps or self.num_inference_steps
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         sched = DDIMScheduler.from_config(self.scheduler.config)
         sched.set_timesteps(steps)
-        g = self.unet.config.sample_size
         p = next(self.unet.parameters())
         cond, pooled = cond.to(p), pooled.to(p)
-        lat = torch.randn(len(cond), self.unet.config.out_channels, g, g, generator=generator,
-                          dtype=p.dtype).to(p.device) * sched.init_noise_sigma
+        noise = self.draw_noise(len(cond), generator) if noise is None else noise
+        if noise.shape[0] != len(cond):
+            raise ValueError(f"noise holds {noise.shape[0]} images' latents for {len(cond)} conditionings")
+        lat = noise.to(p.device, p.dtype) * sched.init_noise_sigma
         for t in sched.timesteps:
             if scale != 1.0:
                 both = self.predict(torch.cat([lat, lat]), t, torch.cat([torch.zeros_like(cond), cond]),
