@@ -52,7 +52,7 @@ from torch import Tensor
 
 from pigeon_utils.atomic import atomic_write
 from pigeon_utils.model import PigeonBatch, PigeonModel, VisualOnlyLogitsProcessor
-from pigeon_utils.prefix_attention import SharedPrefixCache, use_shared_prefix
+from pigeon_utils.prefix_attention import SharedPrefixCache, moved_rows, use_shared_prefix
 from pigeon_utils.prompts import encode_prompt, segment_prompt
 from pigeon_utils.sequence import IGNORE_INDEX
 from pigeon_utils.sft import ImageTokenCache, SFTCollator
@@ -184,12 +184,12 @@ def _run_lm(lm, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Ten
 
     transformers ≥ 5 names the cache ``cache`` (argument and output), earlier versions ``past_key_values``. A
     :class:`~pigeon_utils.prefix_attention.SharedPrefixCache` runs with the shared-prefix attention."""
-    kw = "cache" if _accepts(lm.model.forward, "cache") else "past_key_values"
-    if isinstance(cache, SharedPrefixCache):
+    if isinstance(cache, SharedPrefixCache):  # only made for transformers ≥ 5 (prefill)
         with use_shared_prefix(lm):
             out = lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=True, cache=cache, shared_prefix=cache)
         return out.last_hidden_state[:, -1], cache
+    kw = "cache" if _accepts(lm.model.forward, "cache") else "past_key_values"
     out = lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=True, **({kw: cache} if cache is not None else {}))
     return out.last_hidden_state[:, -1], getattr(out, kw)
@@ -407,10 +407,9 @@ def _reorder_generated(cache, parent: Tensor, start: int) -> None:
         pairs = [(layer.keys, layer.values) for layer in cache.layers]
     else:
         pairs = list(zip(cache.key_cache, cache.value_cache))
-    moved = (parent != torch.arange(len(parent), device=parent.device)).nonzero().squeeze(1)
+    moved, src = moved_rows(parent)  # only rows that take another beam's tokens are copied (right side read first)
     if len(moved) == 0:
         return
-    src = parent[moved]  # only rows that take another beam's tokens are copied (the right side is read first)
     for keys, values in pairs:  # one per layer
         keys[moved, :, start:] = keys[src, :, start:]
         values[moved, :, start:] = values[src, :, start:]

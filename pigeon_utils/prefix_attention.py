@@ -23,10 +23,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["IMPLEMENTATION", "SharedPrefixCache", "shared_prefix_attention", "use_shared_prefix"]
+__all__ = ["IMPLEMENTATION", "SharedPrefixCache", "moved_rows", "shared_prefix_attention", "use_shared_prefix"]
 
 #: the name under which the attention function is registered with transformers
 IMPLEMENTATION = "pigeon_shared_prefix"
+
+
+def moved_rows(parent: Tensor) -> tuple[Tensor, Tensor]:
+    """``(moved, source)``: the rows that `parent` maps onto another row, and those rows — what a beam reorder
+    copies (a row that keeps its own parent is left in place)."""
+    moved = (parent != torch.arange(len(parent), device=parent.device)).nonzero().squeeze(1)
+    return moved, parent[moved]
 
 
 class SharedPrefixCache:
@@ -88,16 +95,13 @@ class SharedPrefixCache:
             self.prefix = [(k[used], v[used]) for k, v in self.prefix]
             self.prefix_mask = self.prefix_mask[used]
             self.owner = torch.searchsorted(used, self.owner)
-            self._groups = None
 
     def reorder_generated(self, parent: Tensor, start: int) -> None:
         """Rows take the own keys / values of rows `parent` from absolute position `start` on (in place); exact when
         rows mapped onto each other agree before `start` — the beams of one (sample, α_r) share their prompt."""
-        moved = (parent != torch.arange(len(parent), device=parent.device)).nonzero().squeeze(1)
-        if len(moved) == 0:
-            return
-        src, s, n = parent[moved], start - self.prefix_length, min(self._len)
-        if self._kv is not None:  # every layer at once, the written positions only (not the reserved room)
+        moved, src = moved_rows(parent)
+        if len(moved) and self._kv is not None:  # every layer at once, the written positions only (not the room)
+            s, n = start - self.prefix_length, min(self._len)
             self._kv[:, :, moved, :, s:n] = self._kv[:, :, src, :, s:n]
 
     def _rows(self, fn) -> None:

@@ -386,13 +386,16 @@ class SDXLPixelDecoder(PixelDecoder):
 
         return DDIMScheduler.from_config(self.scheduler_config)
 
+    def _latent_shape(self, n: int, height: int | None, width: int | None) -> tuple[int, int, int, int]:
+        h, w = int(height or self.default_size), int(width or self.default_size)
+        return n, self.unet.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor
+
     def draw_noise(self, n: int, generator: torch.Generator | None = None, height: int | None = None,
                    width: int | None = None, **_) -> Tensor:
         self.load()
-        h, w = int(height or self.default_size), int(width or self.default_size)
-        shape = (n, self.unet.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+        return torch.randn(self._latent_shape(n, height, width), generator=generator, device=gen_device,
+                           dtype=torch.float32)
 
     @torch.no_grad()
     def decode(self, cond: Tensor, pooled: Tensor, generator: torch.Generator | None = None,
@@ -411,7 +414,7 @@ class SDXLPixelDecoder(PixelDecoder):
                              f"{tuple(cond.shape)} and {tuple(pooled.shape)}")
         b = cond.shape[0]
         noise = self.draw_noise(b, generator, height=h, width=w) if noise is None else noise
-        want = (b, self.unet.config.in_channels, h // self.vae_scale_factor, w // self.vae_scale_factor)
+        want = self._latent_shape(b, h, w)
         if tuple(noise.shape) != want:
             raise ValueError(f"noise must have shape {want} for {b} images of {h}×{w}, got {tuple(noise.shape)}")
         step = int(batch_size or self.batch_size)
