@@ -6,7 +6,7 @@
 2. toy CLIP zero-shot accuracy on held-out toy images (semantic = glyph; style = colour, pattern, stroke);
 3. round trip image -> tokens -> detokenizer -> pixel decoder, judged by the toy CLIP, and the token counts;
 4. caption -> image with the pre-trained toy LMM on caption combinations held out of its pre-training;
-5. the build's own throughput next to DESIGN.md §3's probe;
+5. the build's own LMM throughput next to the probe docs/toy-world.md reports;
 6. a diagnostic without a bar: what a linear read-out finds of each factor in the detokenizer's mean output, the
    vector Pigeon's adapter turns into the reference embedding E.
 
@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from pigeon_utils.toy.build import BuildConfig, compute_figures
+    from pigeon_utils.toy.evaluate import compute_figures
     from pigeon_utils.toy.load import load_toy_backbone, verify_checkpoint
+    from pigeon_utils.toy.recipe import config_from_recipe
 
     t0 = time.monotonic()
     manifest = verify_checkpoint(a.checkpoint, check_hashes=True)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{_bar(build_min <= BARS['build_minutes'])}); stages (s): {manifest['stage_seconds']}")
     print(f"   recipe: {manifest['command']}; seed {manifest['seed']}; params {manifest['params']}")
 
-    cfg = BuildConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["recipe"].items()})
+    cfg = config_from_recipe(manifest["recipe"])
     torch.set_num_threads(cfg.threads)  # the build's setting: sampling then matches it exactly
     t1 = time.monotonic()
     fig = compute_figures(a.checkpoint, cfg)
@@ -94,9 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"with an LMM whose copy phase raised it (README, notebook-06 section)")
 
     if a.temperature is not None:  # not recorded by the build: a bench-only view of the same LMM
-        from pigeon_utils.toy.build import heldout_combos
         from pigeon_utils.toy.evaluate import caption_generation
         from pigeon_utils.toy.load import load_toy_clip
+        from pigeon_utils.toy.recipe import heldout_combos
 
         low = caption_generation(bb, load_toy_clip(a.checkpoint, bb.text_tokenizer), heldout_combos(cfg),
                                  cfg.gen_per_combo, seed=cfg.seed + 6, temperature=a.temperature)
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     lmm = manifest["train_stats"]["lmm"]
     lmm_s = manifest["stage_seconds"]["LMM"]
-    print(f"== probe comparison (DESIGN.md §3): LMM pre-training {lmm['steps']} steps, {lmm['tokens'] / 1e6:.2f}M "
+    print(f"== probe comparison (docs/toy-world.md): LMM pre-training {lmm['steps']} steps, {lmm['tokens'] / 1e6:.2f}M "
           f"tokens in {lmm_s / 60:.1f} min = {lmm['tokens'] / lmm_s:.0f} tokens/s (probe: ~13k tokens/s on an idle "
           f"machine, 84% after ~3 min, 91% after 5-8 min); tokens per image {tpi['mean']:.1f} "
           f"(probe: 5-25, mean 14, + one background token)")
@@ -115,10 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"   note: with the generated tokens decoded by the same decoder, the round trip's all-factors rate "
           f"({100 * rt_all:.1f}%) bounds caption -> image accuracy")
 
-    from pigeon_utils.toy.build import _shuffled, all_combos
     from pigeon_utils.toy.evaluate import fresh_images, reference_embedding_probe
+    from pigeon_utils.toy.recipe import all_combos, shuffled
 
-    ims, fs = fresh_images(_shuffled(all_combos(), cfg.seed + 11), 4000, cfg.seed + 11)
+    ims, fs = fresh_images(shuffled(all_combos(), cfg.seed + 11), 4000, cfg.seed + 11)
     probe = reference_embedding_probe(bb, ims, fs, n_train=3000)
     fig["reference_embedding_probe"] = probe
     print(f"== what the reference embedding can carry (linear read-out of the detokenizer's mean output, 3,000 "

@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print("executed:\n" + "\n".join(f"  {p}" for p in outs))
     elif a.cmd == "toy-data":
-        from pigeon_utils import toy_data
+        from pigeon_utils.toy import data as toy_data
 
         toy_data.main(["--out", str(a.out), "--seed", str(a.seed)])
     elif a.cmd == "convert":
-        from pigeon_utils.data import convert_upstream
+        from pigeon_utils.data_formats import convert_upstream
 
         for p in convert_upstream(a.data_path, a.out, trust_pickle=a.trust_pickle):
             print(f"wrote {p}")

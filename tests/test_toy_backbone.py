@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import pigeon_utils  # noqa: F401
-from pigeon_utils.backbone import CheckpointError, VisualTokens, load_backbone, pad_codes
-from pigeon_utils.toy.build import SMOKE, BuildConfig, build
+from pigeon_utils.backbone import CheckpointError, VisualTokens, pad_codes
+from pigeon_utils.toy.build import build
+from pigeon_utils.toy.data import ToyFactors, random_factors, render, render_many
 from pigeon_utils.toy.load import REQUIRED_FILES, load_toy_backbone, load_toy_clip
-from pigeon_utils.toy_data import ToyFactors, random_factors, render, render_many
+from pigeon_utils.toy.recipe import SMOKE, BuildConfig
+from pigeon_utils.worlds import load_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "checkpoints" / "toy"
@@ -89,8 +91,9 @@ def test_smoke_build_writes_every_file_and_loads(smoke_dir):
     assert manifest["seed"] == 0 and manifest["recipe"]["smoke"] is True
     assert set(manifest["figures"]) == {"clip_zero_shot", "round_trip", "caption_to_image", "in_context_copy"}
     assert 0.0 <= manifest["figures"]["in_context_copy"]["probability"] <= 1.0
-    lmm = manifest["train_stats"]["lmm"]  # SMOKE runs every LMM phase
-    assert (lmm["steps"], lmm["phase2"]["steps"]) == (SMOKE["lmm_steps"], SMOKE["lmm_phase2_steps"])
+    lmm = manifest["train_stats"]["lmm"]  # SMOKE runs every LMM phase: pre-training, then the copy phase
+    assert lmm["steps"] == SMOKE["lmm_steps"] and set(lmm) == {"steps", "tokens", "loss", "copy"}
+    assert manifest["command"].endswith(" --seed 0 --smoke")  # BuildConfig() + SMOKE: no other field differs
     copy = lmm["copy"]  # the copy phase checks its probe every lmm_copy_max_steps (2) steps here
     assert copy["alone"]["steps"] == SMOKE["lmm_copy_max_steps"] and len(copy["alone"]["checks"]) == 1
     assert copy["mixed"]["steps"] == SMOKE["lmm_copy_mix_steps"] and 0.0 <= copy["mixed"]["copy_probability"] <= 1
@@ -159,7 +162,7 @@ def _train_detokenizer(folder, images, features, weight: float, steps: int = 3):
 def test_detokenizer_feature_term_trains_the_detokenizer_only_when_weighted(smoke_dir):
     """The feature-reconstruction term (build's `detok_feature_weight`) adds a gradient to the detokenizer when its
     weight is > 0 and leaves training exactly as before at 0; features must have one row per training image.
-    (What it does at full size is the bench's reference-embedding probe: docs/toy-tradeoff-journal.md.)"""
+    (What it does at full size is the bench's reference-embedding probe.)"""
     from pigeon_utils.toy.evaluate import fresh_images
 
     images, fs = fresh_images([(g, "red", "plain", "filled") for g in ("star", "heart")], 16, seed=0)
@@ -310,11 +313,10 @@ def test_one_cycle_runs_every_step_count_and_keeps_torch_schedule_elsewhere(step
 
 
 def test_detokenizer_features_put_the_images_meaning_beside_its_embedding():
-    """``image+meaning`` (the committed recipe's feature target): each row is the unit image embedding next to the
-    unit mean of the text embeddings of its glyph's semantics texts — equal for two images of one glyph, different
-    across glyphs; ``image`` is the image embedding alone; any other target is refused by name."""
-    from pigeon_utils.toy.build import detokenizer_features
-    from pigeon_utils.toy_data import semantics_texts
+    """Each row is the unit image embedding next to the unit mean of the text embeddings of its glyph's semantics
+    texts — equal for two images of one glyph, different across glyphs."""
+    from pigeon_utils.toy.training_data import detokenizer_features
+    from pigeon_utils.toy.data import semantics_texts
 
     class FakeClip:
         def image_features(self, images):
@@ -327,14 +329,9 @@ def test_detokenizer_features_put_the_images_meaning_beside_its_embedding():
     images = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
     factors = [{"glyph": "heart"}, {"glyph": "heart"}, {"glyph": "star"}]
     clip = FakeClip()
-    assert torch.equal(detokenizer_features(clip, images, factors, "image"), clip.image_features(images))
-    both = detokenizer_features(clip, images, factors, "image+meaning")
+    both = detokenizer_features(clip, images, factors)
     assert both.shape == (3, 5)
     assert torch.allclose(both[:, :3], torch.eye(3)) and torch.allclose(both[:, 3:].norm(dim=1), torch.ones(3))
     want = torch.nn.functional.normalize(clip.text_features(semantics_texts("heart")), dim=-1).mean(0)
     assert torch.allclose(both[0, 3:], want / want.norm()) and torch.equal(both[0, 3:], both[1, 3:])
     assert not torch.allclose(both[0, 3:], both[2, 3:])
-    with pytest.raises(ValueError, match="detok_feature_target='glyph'"):
-        detokenizer_features(clip, images, factors, "glyph")
-    with pytest.raises(ValueError, match="detok_feature_target='glyph'"):  # a recipe fails when it is made
-        replace(BuildConfig(), detok_feature_target="glyph")

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from pigeon_utils.prompts import IdLayout
-from pigeon_utils.toy.build import IN_CONTEXT, SMOKE, BuildConfig, all_combos, build_command, document_captions, heldout_combos, \
-    semantics_pairs, style_documents
+from pigeon_utils.toy.recipe import RETIRED, SMOKE, BuildConfig, all_combos, build_command, config_from_recipe, \
+    heldout_combos, parse_setting
+from pigeon_utils.toy.training_data import document_captions, semantics_pairs, style_documents
 from pigeon_utils.toy.lmm import document_segments
-from pigeon_utils.toy_data import EMOTION_GLYPH, GENRE_GLYPH, GLYPHS, ToyFactors, poster_semantics, \
+from pigeon_utils.toy.data import EMOTION_GLYPH, GENRE_GLYPH, GLYPHS, ToyFactors, poster_semantics, \
     semantics_texts, sticker_semantics
 
 LAYOUT = IdLayout(img_id=50, emb_id=51, visual_offset=52, codebook_size=100, pad_id=2)
@@ -128,16 +129,29 @@ def test_semantics_texts_are_the_datasets_forms():
     assert all(t in semantics_texts(factors[i]["glyph"]) for i, t in zip(idx.tolist(), texts))
 
 
-def test_in_context_recipe_names_build_fields():
+def test_smoke_recipe_names_build_fields_and_only_shrinks_the_default():
     fields = set(BuildConfig.__dataclass_fields__)
-    assert set(IN_CONTEXT) <= fields and IN_CONTEXT["lmm_copy_docs"] > 0
-    assert BuildConfig().lmm_copy_docs == 0 and BuildConfig().clip_semantics == 0.0  # the captions-only defaults
+    assert set(SMOKE) <= fields and not set(RETIRED) & fields
+    assert BuildConfig().lmm_copy_docs > 0 and SMOKE["lmm_copy_docs"] > 0  # both run the copy phase
+    assert BuildConfig().clip_semantics > 0 and BuildConfig().detok_feature_weight > 0
 
 
-def test_committed_checkpoint_is_the_in_context_recipe():
+def test_default_recipe_is_the_committed_checkpoints():
+    """BuildConfig() is the recipe checkpoints/toy records (its retired fields at the values the build now always
+    uses), and the default command builds it (the recorded command still parses: --in-context is a no-op)."""
+    from pigeon_utils.toy.build import main
+
     manifest = json.loads((Path(__file__).resolve().parents[1] / "checkpoints/toy/manifest.json").read_text())
-    assert {k: manifest["recipe"][k] for k in IN_CONTEXT} == IN_CONTEXT
+    assert config_from_recipe(manifest["recipe"]) == BuildConfig(seed=0)
     assert manifest["command"] == "python -m pigeon_utils.toy.build --out checkpoints/toy --seed 0 --in-context"
+    assert build_command("checkpoints/toy", BuildConfig()) \
+        == "python -m pigeon_utils.toy.build --out checkpoints/toy --seed 0"
+    with pytest.raises(ValueError, match="n_lmm_docs=5"):
+        config_from_recipe({**manifest["recipe"], "n_lmm_docs": 5})
+    with pytest.raises(ValueError, match="'nope'"):
+        config_from_recipe({"nope": 1})
+    with pytest.raises(SystemExit, match="unknown field 'nope'"):
+        main(["--out", "unused", "--in-context", "--set", "nope=1"])
 
 
 def test_manifest_command_names_the_recipe():
@@ -145,9 +159,14 @@ def test_manifest_command_names_the_recipe():
 
     base = "python -m pigeon_utils.toy.build --out ck --seed 0"
     assert build_command("ck", BuildConfig()) == base
-    assert build_command("ck", BuildConfig(**IN_CONTEXT)) == base + " --in-context"
-    assert build_command("ck", replace(BuildConfig(**IN_CONTEXT), threads=1, lmm_doc_images=[3, 7])) \
-        == base + " --in-context --set threads=1"
-    assert build_command("ck", replace(BuildConfig(**IN_CONTEXT), clip_steps=5)).startswith(base + " --set ")
+    assert build_command("ck", replace(BuildConfig(), threads=1, lmm_doc_images=[3, 7])) == base + " --set threads=1"
+    assert build_command("ck", replace(BuildConfig(), clip_steps=5)) == base + " --set clip_steps=5"
     assert build_command("ck", replace(BuildConfig(seed=2, **SMOKE), figures=False, unet_channels=(8, 16))) \
         == "python -m pigeon_utils.toy.build --out ck --seed 2 --smoke --no-figures --set unet_channels=[8,16]"
+
+
+def test_set_parses_json_values():
+    cfg = parse_setting(parse_setting(BuildConfig(), "unet_channels=[8,16]"), "clip_lr=0.5")
+    assert cfg.unet_channels == (8, 16) and cfg.clip_lr == 0.5
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_setting(cfg, "clip_lr")

@@ -83,7 +83,7 @@ class ToyClip:
     def predict_factors(self, images) -> list[dict]:
         """Zero-shot factors of each image: those of its best-scoring full caption."""
         from pigeon_utils.toy.text import toy_captions
-        from pigeon_utils.toy_data import COLOURS, GLYPHS, PATTERNS, STROKES
+        from pigeon_utils.toy.data import COLOURS, GLYPHS, PATTERNS, STROKES
 
         caps = toy_captions()
         best = (self.image_features(images) @ self.text_features(caps).T).argmax(1)
@@ -153,8 +153,8 @@ def train_clip(clip: ToyClip, images: Tensor, captions: Sequence[str], steps: in
     Images with the same caption are all positives of each other (a soft target), since a batch of toy images
     often repeats a caption. Half of each batch is blurred a little (σ in [0.3, 1.2] px), so that the toy CLIP
     judges decoded images, which are softer than renders, by their factors. `channels_last`: channels-last
-    convolutions, about 25 % faster per step on a 2-core CPU (oneDNN); other numerics, so off where a recipe must
-    reproduce a checkpoint trained without them. Returns the last loss.
+    convolutions (faster on CPU with oneDNN, and other numerics than the default layout; the build uses them).
+    Returns the last loss.
     """
     from tqdm.auto import tqdm
 

@@ -3,7 +3,7 @@ tiny patch autoencoder (the toy's stand-in for LaVIT's SDXL UNet + ``Autoencoder
 
 * :class:`PatchAutoencoder` ("VAE"): each 8×8 patch <-> a ``latent_channels`` vector, so a 64×64 image is an 8×8
   latent grid (deterministic, no KL; latents are scaled by ``scaling_factor`` to unit variance, as SD's VAE).
-  Pixel-space diffusion at 64×64 does not train in minutes on 2 CPU cores; an 8×8 latent does.
+  Diffusing an 8×8 latent instead of 64×64 pixels keeps the UNet small enough to train on a CPU.
 * The UNet denoises that grid conditioned on the detokenizer's output: cross-attention to the 64 slots
   (``encoder_hidden_states``), the pooled vector as a class embedding (SDXL's pooled path), and — because the toy's
   slots are one per latent cell — the slots also concatenated to the UNet input as a spatial map.

@@ -6,8 +6,8 @@ Pre-training data: for each toy image (:func:`pretraining_segments`), either
 * caption -> image:  ``caption [IMG] v_1 … v_n [/IMG]``  (text-to-image, what Pigeon's generation builds on), or
 * image -> caption:  ``[IMG] v_1 … v_n [/IMG] caption </s>``  (understanding),
 
-plus *style documents* (:func:`document_segments`): a few images sharing most of their style, some captioned in
-full, the last one with its glyph only (in-context style, what Pigeon's history relies on),
+plus *style documents* (:func:`document_segments`): a few images sharing their style, the context images with or
+without a caption, the last one with its glyph only (in-context style, what Pigeon's history relies on),
 
 with ``v = visual_offset + code``. Segments are shuffled and packed back to back into fixed-length rows, so a row
 holds several images (as Pigeon's prompts do) and the loss is next-token cross-entropy everywhere.
@@ -48,9 +48,7 @@ def init_visual_embeddings(model, layout: IdLayout, code_table: dict[str, Tensor
     one-hot patch position, shape centroid, background tile, colour; each block centred and L2-normalised) goes
     through one random Gaussian projection to the hidden size, scaled to `std` (the Llama initialiser's). Codes at
     the same position or of similar shape then start close, so what the LMM learns about one carries over to its
-    neighbours (the embeddings are tied, so this also shapes the output layer). Measured with 2,000 LMM steps:
-    caption -> image accuracy within noise of the plain initialisation (README's toy-backbone section); kept
-    because it costs nothing.
+    neighbours (the embeddings are tied, so this also shapes the output layer).
     """
     pos = code_table["position"]
     onehot = torch.nn.functional.one_hot(pos.clamp(min=0), int(pos.max()) + 1).float() * (pos >= 0).float()[:, None]
@@ -133,10 +131,10 @@ def document_segments(doc_codes: Sequence[Sequence[Tensor]], doc_captions: Seque
                       layout: IdLayout, bos_id: int | None = None, eos_id: int | None = None) -> list[Tensor]:
     """One segment per *style document* — a few images that share most of their style, like the image sets of
     LaVIT's interleaved pre-training data. Each image is ``[caption] [IMG] v … [/IMG]``, its caption ids taken from
-    `doc_captions` (None: no caption). The build captions some context images in full and the last image with its
-    glyph only, so the last image's style is in no text, only in the images before it: the LMM learns to read
-    style from its visual context — what Pigeon's history needs. With `bos_id` / `eos_id` a document starts with
-    ``<s>`` and ends with ``</s>``, so packed rows show where it begins.
+    `doc_captions` (None: no caption). The build's copy phase leaves the context images uncaptioned and gives the
+    last image its glyph only, so the last image's style is in no text, only in the images before it: the LMM
+    learns to read style from its visual context — what Pigeon's history needs. With `bos_id` / `eos_id` a
+    document starts with ``<s>`` and ends with ``</s>``, so packed rows show where it begins.
     """
     head = [torch.tensor([bos_id])] if bos_id is not None else []
     tail = [torch.tensor([eos_id])] if eos_id is not None else []

@@ -1,10 +1,10 @@
 """The toy LMM's text tokenizer: a word-level ``tokenizers`` model over the toy world's vocabulary.
 
-Ids follow LaVIT's layout (spec §0): ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2 (also pad), the words, then the two added
-tokens ``<img>`` (= ``[IMG]``) and ``<emb>`` (= ``[/IMG]``), then — in the LMM only — the visual ids. The vocabulary
-is every word of the toy captions, of the Pigeon prompt templates and of the toy datasets' prompts, semantics,
-titles and intros (lower-cased; digits one by one), so every prompt Pigeon builds in the toy world encodes
-without ``<unk>``.
+Ids follow LaVIT's layout (docs/algorithm.md §0): ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2 (also pad), the words, then the
+two added tokens ``<img>`` (= ``[IMG]``) and ``<emb>`` (= ``[/IMG]``), then — in the LMM only — the visual ids. The
+vocabulary is every word of the toy captions, of the Pigeon prompt templates and of the toy datasets' prompts,
+semantics, titles and intros (lower-cased; digits one by one), so every prompt Pigeon builds in the toy world
+encodes without ``<unk>``.
 """
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ SPECIALS = ("<unk>", "<s>", "</s>")
 
 def toy_captions() -> list[str]:
     """The caption of every factor combination (glyph × colour × pattern × stroke)."""
-    from pigeon_utils.toy_data import COLOURS, GLYPHS, PATTERNS, STROKES, ToyFactors
+    from pigeon_utils.toy.data import COLOURS, GLYPHS, PATTERNS, STROKES, ToyFactors
 
     return [ToyFactors(g, c, p, s).caption() for g in GLYPHS for c in COLOURS for p in PATTERNS for s in STROKES]
 
 
 def toy_text_corpus(dataset_dir: Path | None) -> list[str]:
     """Captions, prompt templates and, when `dataset_dir` holds them, every text of the toy datasets."""
-    from pigeon_utils.toy_data import EMOTION_GLYPH, GENRE_GLYPH
+    from pigeon_utils.toy.data import EMOTION_GLYPH, GENRE_GLYPH
 
     texts = toy_captions() + [f"{v}" for t in TEMPLATES.values() for v in vars(t).values()]
     texts += list(EMOTION_GLYPH) + list(GENRE_GLYPH)

@@ -18,14 +18,14 @@ same logical content as the upstream ``processed_seq`` folders, plus ``factors.j
 each image's factors. ``write_upstream=True`` additionally writes the upstream pickled ``.npy`` files, which
 the tests use to exercise the real-format reader and the converter.
 
-Rebuild with ``python -m pigeon_utils.toy_data --out dataset`` (deterministic from ``--seed``).
+Rebuild with ``python -m pigeon_utils toy-data --out dataset`` (or ``python -m pigeon_utils.toy.data --out dataset``;
+deterministic from ``--seed``). Each dataset folder is written beside its final name and swapped in whole.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
-from pigeon_utils.atomic import atomic_write_text
+from pigeon_utils.atomic import atomic_dir, atomic_write_text
 
 IMAGE_SIZE = 64
 TILE = 8
@@ -215,7 +215,7 @@ def render_many(factors: list[ToyFactors], workers: int = 1) -> np.ndarray:
     """Render many toy images -> uint8 [n, 64, 64, 3]; identical whatever `workers` is.
 
     With `workers` > 1 on Linux, large batches are drawn by forked worker processes (PIL draws one image at a
-    time and holds the GIL; the toy build renders ~100k images, about a minute on one core).
+    time and holds the GIL).
     """
     if not factors:
         return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
@@ -249,7 +249,7 @@ INTRO_WHO = ("a young pilot", "two old friends", "a retired detective", "a small
 
 
 def _split_windows(seqs: dict[int, dict[int, list[int]]], rng: np.random.Generator):
-    from pigeon_utils.data import build_windows, split_windows
+    from pigeon_utils.windows import build_windows, split_windows
 
     windows = build_windows(seqs)
     return split_windows(windows, ratios=(0.8, 0.1, 0.1), seed=int(rng.integers(2**31)))
@@ -394,27 +394,33 @@ def make_poster(out: Path, seed: int = 0, n_movies: int = 256, n_users: int = 96
         "map/movie_id_map": id_map,
         "map/user_id_map": user_map,
     }
-    _write_dataset(root, "poster", images, files, factors, write_upstream)
-    atomic_write_text(root / "toy_user_tastes.json", json.dumps({str(k): v for k, v in tastes.items()}, indent=1))
+    _write_dataset(root, "poster", images, files, factors, write_upstream,
+                   extra={"toy_user_tastes.json": json.dumps({str(k): v for k, v in tastes.items()}, indent=1)})
     return root
 
 
-def _write_dataset(root: Path, image_dir: str, images, files: dict, factors: list[dict], write_upstream: bool) -> None:
-    from pigeon_utils.data import save_safe, save_upstream_npy
+def _write_dataset(root: Path, image_dir: str, images, files: dict, factors: list[dict], write_upstream: bool,
+                   extra: dict[str, str] | None = None) -> None:
+    """Write one dataset folder (images, ``processed_seq`` files, ``factors.json``, `extra` text files by name),
+    replacing `root` as a whole (:func:`~pigeon_utils.atomic.atomic_dir`)."""
+    from pigeon_utils.data_formats import save_safe, save_upstream_npy
 
-    if root.exists():
-        shutil.rmtree(root)
-    data_path = root / "processed_seq"
-    data_path.mkdir(parents=True)
-    for rel, f in tqdm(images, desc=f"render {root.name}", leave=False):
-        p = root / image_dir / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        render(f).save(p, optimize=True)
-    for name, obj in files.items():
-        save_safe(data_path, name, obj)
-        if write_upstream:
-            save_upstream_npy(data_path / f"{name}.npy", obj)
-    atomic_write_text(root / "factors.json", json.dumps(factors, separators=(",", ":")))
+    def write(tmp: Path) -> None:
+        data_path = tmp / "processed_seq"
+        data_path.mkdir(parents=True)
+        for rel, f in tqdm(images, desc=f"render {root.name}", leave=False):
+            p = tmp / image_dir / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            render(f).save(p, optimize=True)
+        for name, obj in files.items():
+            save_safe(data_path, name, obj)
+            if write_upstream:
+                save_upstream_npy(data_path / f"{name}.npy", obj)
+        atomic_write_text(tmp / "factors.json", json.dumps(factors, separators=(",", ":")))
+        for name, text in (extra or {}).items():
+            atomic_write_text(tmp / name, text)
+
+    atomic_dir(root, write)
 
 
 def main(argv: list[str] | None = None) -> None:
