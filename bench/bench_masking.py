@@ -19,7 +19,7 @@ import time
 import torch
 
 import pigeon_utils  # noqa: F401
-from pigeon_utils.masking import gumbel_topk_keep, keep_probabilities, layout_from_counts
+from pigeon_utils.keep import gumbel_topk_keep, keep_probabilities, layout_from_counts
 
 
 def per_sample_keep(cos_sim, type_ids, exp_hist, exp_target, hist_mask_ratio, ref_mask_ratio, inference):

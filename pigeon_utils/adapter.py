@@ -1,4 +1,4 @@
-"""Pigeon's adapter MLP (spec §3.1-3.2): reference-image features → one LLM input embedding ``E``.
+"""Pigeon's adapter MLP (docs/algorithm.md §3.1-3.2): reference-image features → one LLM input embedding ``E``.
 
 ``E = Dropout(tanh(W2 · Dropout(W1 r + b1) + b2))`` with r the mean over the 256 rows of the highres
 detokenizer's ``prompt_embeds`` (2048-d) and ``E`` 4096-d, written at the ``<emb>`` position of the prompt.

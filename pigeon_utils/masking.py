@@ -1,39 +1,20 @@
-"""Pigeon's mask generation module (spec ``pigeon-algorithm.md`` §2).
+"""Pigeon's mutual mask generator: the scorer of the mask generation module (docs/algorithm.md §2).
 
 The mask generator decides, for every sample, which visual tokens of the five history images and of the
-reference image are kept. It has three parts:
+reference image are kept. This module holds its ``nn.Module`` side, :class:`MutualMaskGenerator`
+(docs/algorithm.md §2.1): a one-layer transformer encoder reads the LLaMA input embeddings ``e_i`` of all
+visual tokens of one sample (history images, then the target/reference image), each with a sinusoidal position
+embedding (:class:`PositionalEncoding`; positions restart at 1 for every image) and a type embedding (0 pad,
+1 history, 2 target). Its contextual output ``o_i`` is compared with the raw embedding: ``s_i = cos(e_i, o_i)``
+(:class:`MaskScores`).
 
-1. **Scoring** (:class:`MutualMaskGenerator`, spec §2.1). A one-layer transformer encoder reads the LLaMA
-   input embeddings ``e_i`` of all visual tokens of one sample (history images, then the target/reference
-   image), each with a sinusoidal position embedding (positions restart at 1 for every image) and a type
-   embedding (0 pad, 1 history, 2 target). Its contextual output ``o_i`` is compared with the raw embedding:
-   ``s_i = cos(e_i, o_i)``.
-2. **Keep probabilities** (:func:`keep_probabilities`, spec §2.3). A softmax of ``s`` within each group:
-   𝓗 (all history tokens of a sample, pooled over the five images) and 𝓣 (the target/reference tokens).
-   History: ``q_i = p_i``. Target: ``q_i = p_i`` at inference and ``q_i = 1 − p_i`` in training.
-3. **Gumbel top-k** (:func:`gumbel_topk_keep`, spec §2.4). Per sample and group, with ``n = |group|`` and mask
-   ratio ``r`` (α_h = ``hist_mask_ratio`` for 𝓗, α_r = ``ref_mask_ratio`` for 𝓣), keep
-   ``k = max(1, int(n · (1 − r)))`` tokens: the top-k of ``(log q_i + g_i) / τ`` with Gumbel noise
-   ``g_i = −log(e_i)``, ``e_i ~ Exp(1)`` (sampling k tokens without replacement ∝ q).
+The keep decisions made from these scores — keep probabilities, Gumbel top-k, the straight-through and
+reference modes, the other mask types and the layout helpers — are in :mod:`pigeon_utils.keep`;
+:meth:`MutualMaskGenerator.forward` chains the scorer with them and returns a :class:`~pigeon_utils.keep.KeepMask`.
 
-Everything is vectorised over the batch: samples are right-padded to a common length ``L`` and a boolean
-``padding_mask`` (True = padding, as in ``nn.TransformerEncoder``) marks the padding. There is no Python loop
-over samples or tokens; the per-row top-k uses a sort and a rank comparison ``rank < k_row``.
-
-Two modes (``straight_through``):
-
-* ``True`` (default, the fix of spec §2.8 / §10.1): the keep value is the straight-through estimator
-  ``y_hard + (y_soft − stopgrad(y_soft))``. Its forward value is exactly the hard 0/1 decision, but its
-  gradient is that of the soft Gumbel-softmax, so when the keep values *multiply* the token embeddings
-  (:func:`apply_keep`) the LLM loss reaches the generator's parameters.
-* ``False`` (the reference behaviour): a hard 0/1 mask without any autograd graph. The released code only
-  compares the decision with 0, so its generator never receives a gradient and stays at its initialisation.
-
-Mask types (:func:`generate_keep_mask`, spec §2.9): ``"mutual"`` (the generator above), ``"random"`` (no
-history masking; ``ceil(n·α_r)`` uniformly random reference tokens masked) and ``"none"`` (keep everything).
-
-Layout helpers: :func:`layout_from_counts` builds ``position_ids`` / ``type_ids`` / ``padding_mask`` from the
-per-image token counts of each sample.
+Inputs are batched: samples are right-padded to a common length ``L``; ``padding_mask`` (True = padding, as in
+``nn.TransformerEncoder``), ``position_ids`` and ``type_ids`` are ``[B, L]`` (see
+:func:`pigeon_utils.keep.layout_from_counts`).
 """
 from __future__ import annotations
 
@@ -46,86 +27,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from pigeon_utils.keep import (HIST_TYPE, TARGET_TYPE, KeepMask, check_batch_shape, check_layout, check_ratio,
+                               gumbel_topk_keep, keep_probabilities)
+
 __all__ = [
-    "MASK_TYPES",
-    "PAD_TYPE",
-    "HIST_TYPE",
-    "TARGET_TYPE",
     "UPSTREAM_POSITION_ROWS",
     "DEFAULT_POSITION_ROWS",
     "sinusoidal_table",
     "PositionalEncoding",
     "MaskScores",
-    "KeepMask",
     "MutualMaskGenerator",
-    "keep_count",
-    "random_mask_count",
-    "masked_softmax",
-    "keep_probabilities",
-    "gumbel_topk_keep",
-    "random_reference_keep",
-    "generate_keep_mask",
-    "apply_keep",
-    "layout_from_counts",
 ]
-
-MASK_TYPES = ("mutual", "random", "none")
-PAD_TYPE, HIST_TYPE, TARGET_TYPE = 0, 1, 2
 
 #: Rows of the sinusoidal position table in the released code (MMG:12, 34): indices 0..256.
 UPSTREAM_POSITION_ROWS = 257
 #: Rows needed: a reference image has at most 256 codes plus ``[IMG]``/``[/IMG]`` in the generator's input, so
-#: positions run up to 258 (spec §2.2 [BUG], §10.8); row 0 serves padding. Hence 259 rows (indices 0..258).
+#: positions run up to 258 (docs/algorithm.md §2.2, §8.8; docs/deviations.md M1); row 0 serves padding. Hence
+#: 259 rows (indices 0..258).
 DEFAULT_POSITION_ROWS = 259
-
-
-# ----------------------------------------------------------------------------------------------------------
-# validation helpers
-# ----------------------------------------------------------------------------------------------------------
-def _check_ratio(name: str, value) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a single number in [0, 1], got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1], got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not (0.0 <= value <= 1.0):  # also rejects NaN
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-    return value
-
-
-def _check_tau(tau) -> float:
-    tau = float(tau)
-    if not (tau > 0.0 and math.isfinite(tau)):
-        raise ValueError(f"tau (Gumbel-softmax temperature) must be a positive finite number, got {tau!r}")
-    return tau
-
-
-def _check_2d(name: str, t: Tensor, shape: torch.Size) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.shape != shape:
-        raise ValueError(f"{name} must have shape {tuple(shape)} (batch, length), got {tuple(t.shape)}")
-
-
-def _check_layout(type_ids: Tensor, padding_mask: Tensor) -> None:
-    if type_ids.dim() != 2:
-        raise ValueError(f"type_ids must have shape (batch, length), got {tuple(type_ids.shape)}")
-    _check_2d("padding_mask", padding_mask, type_ids.shape)
-    if padding_mask.dtype != torch.bool:
-        raise TypeError(f"padding_mask must be a bool tensor (True = padding), got dtype {padding_mask.dtype}")
-    if type_ids.dtype.is_floating_point or type_ids.dtype == torch.bool:
-        raise TypeError(f"type_ids must be an integer tensor, got dtype {type_ids.dtype}")
-    if type_ids.is_meta:
-        return
-    bad_type = (type_ids < PAD_TYPE) | (type_ids > TARGET_TYPE)
-    if bool(bad_type.any()):
-        raise ValueError(f"type_ids must be 0 (pad), 1 (history) or 2 (target); found "
-                         f"{sorted(set(type_ids[bad_type].tolist()))}")
-    if bool(((type_ids == PAD_TYPE) != padding_mask).any()):
-        raise ValueError("type_ids and padding_mask disagree: padding_mask must be True exactly where "
-                         "type_ids == 0 (pad)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,32 +135,11 @@ class MaskScores:
     cos_sim: Tensor        #: s_i = cos(e_i, o_i)
 
 
-@dataclass
-class KeepMask:
-    """Keep decisions of one batch.
-
-    ``keep`` is ``[B, L]`` in the dtype of the scores (float32): 1 = keep, 0 = mask, 0 at padding. In
-    straight-through mode it carries the Gumbel-softmax gradient (forward value exactly 0/1).
-    """
-
-    keep: Tensor
-    hist_keep_count: Tensor     #: [B] long: history tokens kept per sample (k_h; 0 if the sample has none)
-    target_keep_count: Tensor   #: [B] long: target/reference tokens kept per sample
-    hist_keep_prob: Optional[Tensor] = None    #: [B, L] q over 𝓗 (mutual only), 0 outside 𝓗
-    target_keep_prob: Optional[Tensor] = None  #: [B, L] q over 𝓣 (mutual only), 0 outside 𝓣
-    scores: Optional[MaskScores] = None        #: scorer outputs (mutual only)
-
-    @property
-    def hard(self) -> Tensor:
-        """The hard decision as a bool tensor (no autograd graph)."""
-        return self.keep.detach() != 0
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the scorer
 # ----------------------------------------------------------------------------------------------------------
 class MutualMaskGenerator(nn.Module):
-    """Pigeon's mutual mask generator (spec §2.1), with the upstream state-dict names.
+    """Pigeon's mutual mask generator (docs/algorithm.md §2.1), with the upstream state-dict names.
 
     Parameters follow ``MutualMaskGenerator(emb_dim, num_heads, num_layers, drop_prob, eps)`` of the released
     code (MMG:26-40): ``emb_dim`` = LLM width (4096 for LaVIT-7B), one ``nn.TransformerEncoderLayer`` with
@@ -253,8 +151,9 @@ class MutualMaskGenerator(nn.Module):
     :data:`DEFAULT_POSITION_ROWS`). A 257-row checkpoint loads strictly (see :class:`PositionalEncoding`);
     :meth:`upstream_state_dict` writes one that the released code can load.
 
-    ``forward`` = :meth:`score` + :func:`keep_probabilities` + :func:`gumbel_topk_keep` for both groups and
-    returns a :class:`KeepMask`.
+    ``forward`` = :meth:`score` + :func:`~pigeon_utils.keep.keep_probabilities` +
+    :func:`~pigeon_utils.keep.gumbel_topk_keep` for both groups and returns a
+    :class:`~pigeon_utils.keep.KeepMask`.
     """
 
     def __init__(self, emb_dim: int, num_heads: int = 4, num_layers: int = 1, drop_prob: float = 0.2,
@@ -300,7 +199,7 @@ class MutualMaskGenerator(nn.Module):
 
     def score(self, token_embeds: Tensor, padding_mask: Tensor, position_ids: Tensor,
               type_ids: Tensor) -> MaskScores:
-        """Run the scorer. ``token_embeds`` [B, L, D] (cast to the generator's dtype, spec §10.19),
+        """Run the scorer. ``token_embeds`` [B, L, D] (cast to the generator's dtype, docs/algorithm.md §8.19),
         ``padding_mask`` [B, L] bool (True = padding), ``position_ids`` [B, L] (1..n per image, 0 at padding),
         ``type_ids`` [B, L] (1 history, 2 target, 0 padding).
 
@@ -311,9 +210,9 @@ class MutualMaskGenerator(nn.Module):
             raise ValueError(f"token_embeds must have shape (batch, length, {self.emb_dim}), got "
                              f"{tuple(token_embeds.shape)}")
         shape = token_embeds.shape[:2]
-        _check_2d("type_ids", type_ids, shape)
-        _check_2d("position_ids", position_ids, shape)
-        _check_layout(type_ids, padding_mask)
+        check_batch_shape("type_ids", type_ids, shape)
+        check_batch_shape("position_ids", position_ids, shape)
+        check_layout(type_ids, padding_mask)
         e = token_embeds.to(self.dense.weight.dtype)
         x = self.get_input_embeds(e, position_ids, type_ids)
         o = self.get_output_embeds(x, padding_mask)
@@ -329,14 +228,15 @@ class MutualMaskGenerator(nn.Module):
                 target_exponential: Optional[Tensor] = None) -> KeepMask:
         """Keep decisions for history (α_h = ``hist_mask_ratio``) and target/reference (α_r = ``ref_mask_ratio``).
 
-        ``inference``: target keep probability ``p`` (True) or ``1 − p`` (False, training; spec §2.3).
-        ``straight_through``: see the module docstring; ``False`` = reference behaviour (hard mask, and the
+        ``inference``: target keep probability ``p`` (True) or ``1 − p`` (False, training;
+        docs/algorithm.md §2.3).
+        ``straight_through``: see :mod:`pigeon_utils.keep`; ``False`` = reference behaviour (hard mask, and the
         scorer runs without autograd, so the generator gets no gradient).
         Noise: ``hist_exponential`` / ``target_exponential`` ([B, L] Exp(1) samples, only the group's positions
         are read) inject it; otherwise it is drawn from ``generator`` (or torch's default RNG), history first.
         """
-        hist_mask_ratio = _check_ratio("hist_mask_ratio", hist_mask_ratio)
-        ref_mask_ratio = _check_ratio("ref_mask_ratio", ref_mask_ratio)
+        hist_mask_ratio = check_ratio("hist_mask_ratio", hist_mask_ratio)
+        ref_mask_ratio = check_ratio("ref_mask_ratio", ref_mask_ratio)
         with torch.set_grad_enabled(torch.is_grad_enabled() and straight_through):
             scores = self.score(token_embeds, padding_mask, position_ids, type_ids)
             hist_q, target_q = keep_probabilities(scores.cos_sim, type_ids, inference=inference)
@@ -361,189 +261,3 @@ class MutualMaskGenerator(nn.Module):
         """Load a released ``mask_generator`` state dict (257-row position table accepted, see
         :class:`PositionalEncoding`). Upstream loads it non-strictly; we default to strict."""
         return self.load_state_dict(dict(state_dict), strict=strict)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# keep probabilities and selection
-# ----------------------------------------------------------------------------------------------------------
-def keep_count(n: Tensor, mask_ratio: float) -> Tensor:
-    """k = max(1, int(n · (1 − r))) per row (MMG:103), 0 where n = 0.
-
-    ``1 − r`` is formed in Python float arithmetic and the product in float64 (IEEE double, like Python's
-    float), then truncated: identical to Python's ``int(n * (1 - r))`` for every n < 2**53.
-    """
-    r = _check_ratio("mask_ratio", mask_ratio)
-    frac = 1.0 - r
-    k = torch.floor(n.to(torch.float64) * frac).to(torch.long).clamp_min(1)
-    return torch.where(n > 0, k, torch.zeros_like(k))
-
-
-def random_mask_count(n: Tensor, mask_ratio: float) -> Tensor:
-    """m = ceil(n · r) tokens to mask (LP:335, ``math.ceil`` of the Python float product)."""
-    r = _check_ratio("ref_mask_ratio", mask_ratio)
-    return torch.ceil(n.to(torch.float64) * r).to(torch.long)
-
-
-def masked_softmax(score: Tensor, mask: Tensor) -> Tensor:
-    """``exp(s)·m / Σ exp(s)·m`` over the last dim (MMG:120-125; no max-shift, s = cos ∈ [−1, 1]).
-
-    Rows without any position in ``mask`` give zeros instead of 0/0.
-    """
-    num = torch.exp(score) * mask.to(score.dtype)
-    den = num.sum(-1, keepdim=True)
-    return num / den.clamp_min(torch.finfo(score.dtype).tiny)
-
-
-def keep_probabilities(cos_sim: Tensor, type_ids: Tensor, *, inference: bool) -> tuple[Tensor, Tensor]:
-    """q for history (softmax over 𝓗) and target (softmax over 𝓣 at inference, 1 − softmax in training).
-
-    Both are 0 outside their group (the released code leaves 1 − 0 = 1 there for the training target; that
-    value is never read).
-    """
-    hist = type_ids == HIST_TYPE
-    target = type_ids == TARGET_TYPE
-    hist_q = masked_softmax(cos_sim, hist)
-    target_p = masked_softmax(cos_sim, target)
-    target_q = target_p if inference else (1.0 - target_p) * target.to(target_p.dtype)
-    return hist_q, target_q
-
-
-def _rank_within_rows(key: Tensor) -> Tensor:
-    """Rank (0 = largest) of each entry within its row; ties broken by lower index first."""
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    ranks = torch.arange(key.shape[-1], device=key.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, ranks)
-
-
-def gumbel_topk_keep(keep_prob: Tensor, group_mask: Tensor, mask_ratio: float, *, tau: float = 1.0,
-                     exponential: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
-                     straight_through: bool = True) -> tuple[Tensor, Tensor]:
-    """Gumbel top-k keep decision within one group per row (MMG:93-118), vectorised.
-
-    ``keep_prob`` q [B, L]; ``group_mask`` [B, L] bool (the group's positions); ``mask_ratio`` r ∈ [0, 1].
-    Per row: k = :func:`keep_count` (n = group size); z_i = (log q_i − log e_i)/τ with e_i ~ Exp(1) (given as
-    ``exponential`` or drawn from ``generator``); y_hard = 1 at the k largest z in the group;
-    y_soft = softmax of z over the group.
-
-    Returns ``(keep, k)``: ``keep`` [B, L] = ``y_hard + (y_soft − stopgrad(y_soft))`` in straight-through mode
-    (forward value exactly 0/1, gradient of y_soft), or the detached ``y_hard`` otherwise; 0 outside the group.
-    """
-    tau = _check_tau(tau)
-    _check_2d("group_mask", group_mask, keep_prob.shape)
-    if group_mask.dtype != torch.bool:
-        raise TypeError(f"group_mask must be a bool tensor, got dtype {group_mask.dtype}")
-    if exponential is None:
-        exponential = torch.empty(keep_prob.shape, dtype=keep_prob.dtype, device=keep_prob.device)
-        exponential.exponential_(generator=generator)
-    else:
-        _check_2d("exponential", exponential, keep_prob.shape)
-        exponential = exponential.to(device=keep_prob.device, dtype=keep_prob.dtype)
-    n = group_mask.sum(-1)
-    k = keep_count(n, mask_ratio)
-
-    finfo = torch.finfo(keep_prob.dtype)
-    # q = 0 (e.g. the single target token in training: 1 − 1) would give log 0 = −inf and a NaN softmax
-    # upstream; clamping to the smallest normal number changes nothing for q > 0.
-    logits = torch.log(keep_prob.clamp_min(finfo.tiny))
-    gumbel = -torch.log(torch.where(group_mask, exponential, torch.ones_like(exponential)))
-    z = (logits + gumbel.detach()) / tau
-
-    # Hard top-k: rank by z inside the group (outside: −inf, below every finite group value).
-    key = torch.where(group_mask, z.detach().nan_to_num(nan=finfo.min, posinf=finfo.max, neginf=finfo.min),
-                      torch.full_like(z, -math.inf))
-    hard = (_rank_within_rows(key) < k.unsqueeze(-1)) & group_mask
-    y_hard = hard.to(keep_prob.dtype)
-    if not straight_through:
-        return y_hard.detach(), k
-
-    # Soft relaxation over the group; rows with an empty group get a harmless uniform softmax, zeroed below.
-    has_group = group_mask.any(-1, keepdim=True)
-    z_soft = torch.where(group_mask, z, torch.where(has_group, torch.full_like(z, -math.inf), torch.zeros_like(z)))
-    y_soft = torch.softmax(z_soft, dim=-1) * group_mask.to(z.dtype)
-    return y_hard + (y_soft - y_soft.detach()), k
-
-
-def random_reference_keep(type_ids: Tensor, padding_mask: Tensor, ref_mask_ratio: float, *,
-                          generator: Optional[torch.Generator] = None) -> KeepMask:
-    """``mask_type='random'`` (LP:324-363): history fully kept; ``ceil(n·α_r)`` reference tokens masked,
-    chosen uniformly without replacement. Hard mask, no gradient."""
-    _check_layout(type_ids, padding_mask)
-    r = _check_ratio("ref_mask_ratio", ref_mask_ratio)
-    hist = type_ids == HIST_TYPE
-    target = type_ids == TARGET_TYPE
-    n_t = target.sum(-1)
-    m = random_mask_count(n_t, r)
-    u = torch.rand(type_ids.shape, generator=generator, device=type_ids.device)
-    key = torch.where(target, u, torch.full_like(u, -math.inf))
-    masked = (_rank_within_rows(key) < m.unsqueeze(-1)) & target
-    keep = (hist | (target & ~masked)).to(torch.float32)
-    return KeepMask(keep=keep, hist_keep_count=hist.sum(-1), target_keep_count=n_t - m)
-
-
-def generate_keep_mask(mask_type: str, *, type_ids: Tensor, padding_mask: Tensor, ref_mask_ratio: float = 0.0,
-                       hist_mask_ratio: float = 0.2, mask_generator: Optional[MutualMaskGenerator] = None,
-                       token_embeds: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                       inference: bool = True, straight_through: bool = True, tau: float = 1.0,
-                       generator: Optional[torch.Generator] = None, hist_exponential: Optional[Tensor] = None,
-                       target_exponential: Optional[Tensor] = None) -> KeepMask:
-    """One entry point for the three mask types (spec §2, §2.9).
-
-    * ``"mutual"``: needs ``mask_generator``, ``token_embeds`` and ``position_ids``; see
-      :meth:`MutualMaskGenerator.forward`.
-    * ``"random"``: :func:`random_reference_keep` (``hist_mask_ratio`` is not used, as upstream).
-    * ``"none"``: every non-padded token kept.
-    """
-    if mask_type not in MASK_TYPES:
-        raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
-    if mask_type == "mutual":
-        missing = [name for name, v in (("mask_generator", mask_generator), ("token_embeds", token_embeds),
-                                        ("position_ids", position_ids)) if v is None]
-        if missing:
-            raise ValueError(f"mask_type='mutual' needs {', '.join(missing)}")
-        return mask_generator(token_embeds, padding_mask, position_ids, type_ids, ref_mask_ratio=ref_mask_ratio,
-                              hist_mask_ratio=hist_mask_ratio, inference=inference,
-                              straight_through=straight_through, tau=tau, generator=generator,
-                              hist_exponential=hist_exponential, target_exponential=target_exponential)
-    if mask_type == "random":
-        return random_reference_keep(type_ids, padding_mask, ref_mask_ratio, generator=generator)
-    _check_layout(type_ids, padding_mask)
-    _check_ratio("ref_mask_ratio", ref_mask_ratio)
-    return KeepMask(keep=(~padding_mask).to(torch.float32), hist_keep_count=(type_ids == HIST_TYPE).sum(-1),
-                    target_keep_count=(type_ids == TARGET_TYPE).sum(-1))
-
-
-def apply_keep(embeds: Tensor, keep: Tensor) -> Tensor:
-    """Multiply token embeddings [B, L, D] by keep decisions [B, L]: masked tokens become zero vectors
-    (as LP:606-618), kept ones are unchanged, and in straight-through mode the product carries the
-    gradient to the mask generator (the fix of spec §2.8)."""
-    if embeds.dim() != 3 or keep.shape != embeds.shape[:2]:
-        raise ValueError(f"keep must have shape {tuple(embeds.shape[:2])} (the first two dims of embeds "
-                         f"{tuple(embeds.shape)}), got {tuple(keep.shape)}")
-    return embeds * keep.unsqueeze(-1).to(embeds.dtype)
-
-
-def layout_from_counts(counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Generator inputs from per-image token counts, vectorised (LP:374-408, 461-480).
-
-    ``counts`` [B, I] long: tokens of each image of each sample, the last column being the target/reference
-    (e.g. I = 6: five history images + target). Returns ``(position_ids, type_ids, padding_mask)``, each
-    [B, L] with L = max total: positions 1..n restarting per image (0 at padding), types 1/2 (0 at padding),
-    padding_mask True at the right padding.
-    """
-    if counts.dim() != 2 or counts.shape[1] < 1:
-        raise ValueError(f"counts must have shape (batch, images) with at least one image, got {tuple(counts.shape)}")
-    if counts.dtype.is_floating_point:
-        raise TypeError(f"counts must be an integer tensor, got dtype {counts.dtype}")
-    if bool((counts < 0).any()):
-        raise ValueError(f"token counts must be >= 0, got {counts.min().item()}")
-    counts = counts.to(torch.long)
-    lengths = counts.sum(-1)
-    L = int(lengths.max()) if counts.numel() else 0
-    ends = counts.cumsum(-1)
-    col = torch.arange(L, device=counts.device).expand(counts.shape[0], L).contiguous()
-    image = torch.searchsorted(ends, col, right=True).clamp_max(counts.shape[1] - 1)
-    starts = (ends - counts).gather(-1, image)
-    padding = col >= lengths.unsqueeze(-1)
-    position_ids = (col - starts + 1).masked_fill(padding, 0)
-    type_ids = torch.where(image == counts.shape[1] - 1, TARGET_TYPE, HIST_TYPE).masked_fill(padding, PAD_TYPE)
-    return position_ids, type_ids, padding

@@ -1,6 +1,8 @@
 """Tests of pigeon_utils.adapter.PigeonAdapter (golden fixture skipped without ../shared)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -9,16 +11,21 @@ from pigeon_utils.adapter import PigeonAdapter
 
 
 def test_golden_adapter(golden_dir):
+    """Built from config.json's constructor entry; tolerance from its tolerance.recommended."""
     from safetensors.torch import load_file
 
+    meta = json.loads((golden_dir / "config.json").read_text())["fixtures"]["pigeon_adapter"]
     weights = load_file(str(golden_dir / "pigeon_adapter.weights.safetensors"))
     io = load_file(str(golden_dir / "pigeon_adapter.io.safetensors"))
-    adapter = PigeonAdapter(64, 16, 64, drop_prob=0.1)
+    assert {k: list(v.shape) for k, v in io.items()} == {k: v["shape"] for k, v in meta["io"]["tensors"].items()}
+    adapter = PigeonAdapter(**meta["constructor"])
+    assert {k: list(v.shape) for k, v in adapter.state_dict().items()} == meta["weights"]["shapes"]
     result = adapter.load_state_dict(weights, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     with torch.no_grad():
         out = adapter.eval()(io["input"])
-    torch.testing.assert_close(out, io["output"], atol=1e-5, rtol=1e-5)
+    rec = meta["tolerance"]["recommended"]
+    torch.testing.assert_close(out, io["output"], atol=float(rec["atol"]), rtol=float(rec["rtol"]))
 
 
 def test_full_size_names_and_shapes(shared_dir):

@@ -2,12 +2,18 @@
 
 Every stored tensor of the six LaVIT fixtures (preprocess, visual_encoder, token_predictor,
 token_merger_quantizer, highres_decoder, lowres_decoder) is recomputed from the stored inputs with
-strictly loaded weights. Floats: ``assert_close(atol=config.json tolerance, rtol=1e-5)``; ids, counts
-and images: exact.
+strictly loaded weights. Floats: ``assert_close`` with the atol / rtol of config.json's
+``tolerance.recommended``; ids, counts and images: exact.
+
+Every size comes from the fixtures: the modules are built from config.json
+(:meth:`LaVITConfig.from_golden`), batch sizes, token counts and image counts are read from the stored
+tensors, and the eps-probe scales from the tensors' descriptions, so a fixture set at other sizes passes
+unchanged.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -29,7 +35,6 @@ from pigeon_utils.lavit.tokenizer import policy_softmax
 
 pytestmark = pytest.mark.shared
 
-RTOL = 1e-5
 HIGHRES_ONLY = ("unet_proj_1.", "unet_proj_2.", "unet_attnpool.")
 
 
@@ -39,17 +44,28 @@ def gconfig(golden_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cfg() -> LaVITConfig:
-    return LaVITConfig.tiny()
+def cfg(gconfig: dict) -> LaVITConfig:
+    return LaVITConfig.from_golden(gconfig)
 
 
-def _atol(gconfig: dict, fixture: str) -> float:
-    return float(gconfig["fixtures"][fixture]["tolerance"]["recommended"]["atol"])
+def _tol(gconfig: dict, fixture: str) -> tuple[float, float]:
+    """(atol, rtol) of config.json → fixtures.<fixture>.tolerance.recommended."""
+    rec = gconfig["fixtures"][fixture]["tolerance"]["recommended"]
+    return float(rec["atol"]), float(rec["rtol"])
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
+def _probe_scale(gconfig: dict, fixture: str, tensor: str) -> float:
+    """The input scale of an eps probe, as its config.json description writes it (``features * 1e-3``)."""
+    description = gconfig["fixtures"][fixture]["io"]["tensors"][tensor]["description"]
+    scales = set(re.findall(r"\* ([0-9.]+(?:[eE][-+]?[0-9]+)?)", description))
+    assert len(scales) == 1, f"{fixture}.{tensor}: no single input scale in {description!r}"
+    return float(scales.pop())
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, tol: tuple[float, float], what: str) -> None:
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=RTOL, msg=lambda m: f"{what}: {m}")
+    atol, rtol = tol
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
 def _exact(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -97,19 +113,50 @@ def highres(golden_dir: Path, cfg: LaVITConfig) -> HighresVQDecoder:
     return dec
 
 
+def test_config_entries_agree(gconfig: dict, cfg: LaVITConfig) -> None:
+    """config.json states several sizes twice; LaVITConfig.from_golden reads one of each, the others agree."""
+    fx = gconfig["fixtures"]
+    enc, tok, dec = cfg.tokenizer.encoder, cfg.tokenizer, cfg.decoder
+    assert fx["preprocess"]["constructor"]["image_size"] == enc.img_size
+    derived = fx["visual_encoder"]["derived"]
+    assert (derived["num_patches"], derived["tokens"], derived["head_dim"], derived["mlp_hidden"]) == (
+        enc.num_patches, enc.num_patches + 1, enc.width // enc.num_heads, enc.mlp_hidden)
+    assert fx["token_predictor"]["constructor"]["embed_dim"] == tok.width
+    dyn = fx["dynamic_tokenizer_state_dict"]["constructor"]
+    assert (dyn["img_size"], dyn["patch_size"], dyn["width"], dyn["layers"], dyn["heads"], dyn["n_code"],
+            dyn["code_dim"]) == (enc.img_size, enc.patch_size, tok.width, tok.merger_depth, tok.merger_heads,
+                                 tok.n_code, tok.code_dim)
+    high, low = fx["highres_decoder"], fx["lowres_decoder"]
+    assert low["constructor"] == high["constructor"]
+    assert (high["constructor"]["img_size"] // high["constructor"]["patch_size"]) ** 2 == dec.num_queries
+    assert high["max_tokens_per_image"] == dec.num_queries and dec.code_dim == tok.code_dim
+    replaced = high["hard_coded_dims_replaced"]  # [upstream, fixture] pairs
+    assert (replaced["decoder_out_dim"][1], replaced["unet_proj_1.out"][1], replaced["unet_proj_2.out"][1]) == (
+        dec.out_dim, dec.unet_proj_1_dim, dec.unet_proj_2_dim)
+    pool = replaced["unet_attnpool"]
+    assert (pool["seq_len"], pool["embed_dim"], pool["num_heads"], pool["output_dim"]) == (
+        dec.num_queries, dec.out_dim, dec.num_heads, dec.pooled_dim)
+    assert low["hard_coded_dims_replaced"]["unet_proj.out"][1] == dec.lowres_unet_proj_dim
+
+
 # --------------------------------------------------------------------------------------------------
 # 0. preprocessing
 def test_preprocess(golden_dir: Path, gconfig: dict, cfg: LaVITConfig, encoder_io) -> None:
     io = _io(golden_dir, "preprocess")
     _check_io_shapes(gconfig, "preprocess", io)
     meta = gconfig["fixtures"]["preprocess"]
-    assert tuple(meta["mean"]) == cfg.image_mean and tuple(meta["std"]) == cfg.image_std
-    proc = LaVITImageProcessor(cfg.image_size)
-    raws = [io["raw_image_0"].numpy(), io["raw_image_1"].numpy()]
+    # The library's CLIP constants (the processor's defaults) are the fixture's.
+    assert tuple(meta["mean"]) == LaVITConfig().image_mean and tuple(meta["std"]) == LaVITConfig().image_std
+    assert meta["constructor"]["image_size"] == cfg.image_size
+    proc = LaVITImageProcessor(meta["constructor"]["image_size"])
+    n_images = io["resized_uint8"].shape[0]
+    names = [f"raw_image_{i}" for i in range(n_images)]
+    assert set(io) == {*names, "resized_uint8"}, f"preprocess io tensors {sorted(io)}"
+    raws = [io[name].numpy() for name in names]
     resized = torch.stack([torch.from_numpy(proc.resize(r)) for r in raws])
     _exact(resized, io["resized_uint8"], "preprocess.resized_uint8")
     pixel_values = proc(raws)
-    _close(pixel_values, encoder_io["pixel_values"], _atol(gconfig, "preprocess"), "preprocess -> pixel_values")
+    _close(pixel_values, encoder_io["pixel_values"], _tol(gconfig, "preprocess"), "preprocess -> pixel_values")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,27 +165,28 @@ def test_visual_encoder(golden_dir: Path, gconfig: dict, cfg: LaVITConfig, encod
     _check_io_shapes(gconfig, "visual_encoder", encoder_io)
     eva = EVAVisionTransformer(cfg.tokenizer.encoder)
     state = load_file(str(golden_dir / "visual_encoder.weights.safetensors"))
-    assert len(state) == gconfig["fixtures"]["visual_encoder"]["weights"]["n_tensors"] == 34
+    assert len(state) == gconfig["fixtures"]["visual_encoder"]["weights"]["n_tensors"] == len(eva.state_dict())
     _load_strict(eva, state, "EVAVisionTransformer")
-    atol = _atol(gconfig, "visual_encoder")
+    tol = _tol(gconfig, "visual_encoder")
+    scale = _probe_scale(gconfig, "visual_encoder", "features_all_tokens_eps_probe")
     x = encoder_io["pixel_values"]
     with torch.no_grad():
         emb = eva.embed(x)
-        _close(emb, encoder_io["embeddings"], atol, "visual_encoder.embeddings")
-        _close(eva.blocks[0](emb), encoder_io["block_0_out"], atol, "visual_encoder.block_0_out")
-        _close(eva.forward_features(x), encoder_io["features_all_tokens"], atol,
+        _close(emb, encoder_io["embeddings"], tol, "visual_encoder.embeddings")
+        _close(eva.blocks[0](emb), encoder_io["block_0_out"], tol, "visual_encoder.block_0_out")
+        _close(eva.forward_features(x), encoder_io["features_all_tokens"], tol,
                "visual_encoder.features_all_tokens")
-        _close(eva.patch_features(x), encoder_io["features"], atol, "visual_encoder.features")
-        _close(eva(x), encoder_io["head_output"], atol, "visual_encoder.head_output")
-        _close(eva.forward_features(x * 1e-3), encoder_io["features_all_tokens_eps_probe"], atol,
+        _close(eva.patch_features(x), encoder_io["features"], tol, "visual_encoder.features")
+        _close(eva(x), encoder_io["head_output"], tol, "visual_encoder.head_output")
+        _close(eva.forward_features(x * scale), encoder_io["features_all_tokens_eps_probe"], tol,
                "visual_encoder.features_all_tokens_eps_probe")
 
 
 def test_tokenizer_state_dict(golden_dir: Path, gconfig: dict, cfg: LaVITConfig) -> None:
     state = load_file(str(golden_dir / "dynamic_tokenizer.weights.safetensors"))
     meta = gconfig["fixtures"]["dynamic_tokenizer_state_dict"]
-    assert len(state) == meta["n_tensors"] == 99
     tok = DynamicVisualTokenizer(cfg.tokenizer)
+    assert len(state) == meta["n_tensors"] == len(tok.state_dict())
     ours = {k: list(v.shape) for k, v in tok.state_dict().items()}
     assert ours == meta["weights"]["shapes"]
     _load_strict(tok, state, "DynamicVisualTokenizer")
@@ -152,12 +200,13 @@ def test_tokenizer_state_dict(golden_dir: Path, gconfig: dict, cfg: LaVITConfig)
 def test_token_predictor(golden_dir: Path, gconfig: dict, tokenizer, encoder_io) -> None:
     io = _io(golden_dir, "token_predictor")
     _check_io_shapes(gconfig, "token_predictor", io)
-    atol = _atol(gconfig, "token_predictor")
+    tol = _tol(gconfig, "token_predictor")
+    scale = _probe_scale(gconfig, "token_predictor", "pred_score_scaled")
     features = encoder_io["features"]
     with torch.no_grad():
-        _close(tokenizer.token_predictor(features, io["policy"]), io["pred_score"], atol, "token_predictor.pred_score")
-        _close(tokenizer.predict_keep_scores(features), io["pred_score"], atol, "predict_keep_scores")
-        _close(tokenizer.token_predictor(features * 1e-3, io["policy"]), io["pred_score_scaled"], atol,
+        _close(tokenizer.token_predictor(features, io["policy"]), io["pred_score"], tol, "token_predictor.pred_score")
+        _close(tokenizer.predict_keep_scores(features), io["pred_score"], tol, "predict_keep_scores")
+        _close(tokenizer.token_predictor(features * scale, io["policy"]), io["pred_score_scaled"], tol,
                "token_predictor.pred_score_scaled")
 
 
@@ -166,23 +215,24 @@ def test_token_predictor(golden_dir: Path, gconfig: dict, tokenizer, encoder_io)
 def test_token_merger_quantizer(golden_dir: Path, gconfig: dict, cfg: LaVITConfig, tokenizer, encoder_io) -> None:
     io = _io(golden_dir, "token_merger_quantizer")
     _check_io_shapes(gconfig, "token_merger_quantizer", io)
-    atol = _atol(gconfig, "token_merger_quantizer")
+    tol = _tol(gconfig, "token_merger_quantizer")
+    scale = _probe_scale(gconfig, "token_merger_quantizer", "merged_features_scaled")
     features, keep = encoder_io["features"], io["keep_decision"]
     with torch.no_grad():
         merged = tokenizer.causal_encoder(features, keep)
-        _close(merged, io["merged_features"], atol, "merged_features")
-        _close(tokenizer.causal_encoder(features, io["keep_decision_edge"]), io["merged_features_edge"], atol,
-               "merged_features_edge (image 1 keeps nothing)")
-        _close(tokenizer.causal_encoder(features * 1e-3, keep), io["merged_features_scaled"], atol,
+        _close(merged, io["merged_features"], tol, "merged_features")
+        _close(tokenizer.causal_encoder(features, io["keep_decision_edge"]), io["merged_features_edge"], tol,
+               "merged_features_edge (an image that keeps nothing)")
+        _close(tokenizer.causal_encoder(features * scale, keep), io["merged_features_scaled"], tol,
                "merged_features_scaled")
         kept = merged[keep.bool()]
-        _close(kept, io["kept_features"], atol, "kept_features")
+        _close(kept, io["kept_features"], tol, "kept_features")
         task = tokenizer.task_features(io["kept_features"])
-        _close(task, io["task_features"], atol, "task_features")
-        _close(torch.nn.functional.normalize(task, dim=-1), io["task_features_l2norm"], atol, "task_features_l2norm")
+        _close(task, io["task_features"], tol, "task_features")
+        _close(torch.nn.functional.normalize(task, dim=-1), io["task_features_l2norm"], tol, "task_features_l2norm")
         quantized, codes = tokenizer.quantize.tokenize(io["task_features"])
         _exact(codes, io["code_ids"], "quantize.tokenize(task_features) codes")
-        _close(quantized, io["quantized"], atol, "quantized")
+        _close(quantized, io["quantized"], tol, "quantized")
 
         # The real entry points, from features and from pixels, with the fixed decision.
         for out, src in ((tokenizer.tokenize_features(features, keep), "features"),
@@ -190,7 +240,7 @@ def test_token_merger_quantizer(golden_dir: Path, gconfig: dict, cfg: LaVITConfi
             _exact(out.token_nums, io["token_nums"], f"tokenize({src}).token_nums")
             assert [len(c) for c in out.code_ids] == io["token_nums"].tolist()
             _exact(torch.cat(out.code_ids), io["code_ids"], f"tokenize({src}).code_ids")
-            _close(out.quantized, io["quantized"], atol, f"tokenize({src}).quantized")
+            _close(out.quantized, io["quantized"], tol, f"tokenize({src}).quantized")
             _exact(torch.cat(out.llm_ids(cfg.ids)), io["visual_token_ids"], f"tokenize({src}) llm ids")
             _exact(torch.cat(out.llm_ids(cfg.ids, add_special=True)), io["visual_token_ids_with_special"],
                    f"tokenize({src}) llm ids with 32000/32001")
@@ -200,7 +250,7 @@ def test_token_merger_quantizer(golden_dir: Path, gconfig: dict, cfg: LaVITConfi
 
         understanding = tokenizer.encode_features(encoder_io["pixel_values"], keep)
         assert [u.shape[0] for u in understanding] == io["token_nums"].tolist()
-        _close(torch.cat(understanding), io["understanding_features"], atol, "understanding_features")
+        _close(torch.cat(understanding), io["understanding_features"], tol, "understanding_features")
 
     assert codes_to_llm_ids([io["code_ids"][:2]], cfg.ids, add_special=True)[0].tolist() == [
         cfg.ids.image_start, *(io["code_ids"][:2] + cfg.ids.visual_offset).tolist(), cfg.ids.image_end]
@@ -221,10 +271,11 @@ def test_masked_softmax_rule() -> None:
 
 def test_keep_decision_validation_and_sampling(tokenizer, encoder_io, golden_dir: Path) -> None:
     features = encoder_io["features"]
-    with pytest.raises(ValueError, match=r"shape \[B, N\] = \[2, 64\]"):
-        tokenizer.tokenize_features(features, torch.ones(2, 63))
+    batch, n_patches = features.shape[:2]
+    with pytest.raises(ValueError, match=rf"shape \[B, N\] = \[{batch}, {n_patches}\]"):
+        tokenizer.tokenize_features(features, torch.ones(batch, n_patches - 1))
     with pytest.raises(ValueError, match="only 0/1"):
-        tokenizer.tokenize_features(features, torch.full((2, 64), 0.5))
+        tokenizer.tokenize_features(features, torch.full((batch, n_patches), 0.5))
 
     with torch.no_grad():
         a = tokenizer.tokenize_features(features, generator=torch.Generator().manual_seed(7))
@@ -235,8 +286,9 @@ def test_keep_decision_validation_and_sampling(tokenizer, encoder_io, golden_dir
     # Hard Gumbel sampling keeps patch i with probability exp(pred_score[..., 0]).
     pred = _io(golden_dir, "token_predictor")["pred_score"]
     n = 4000
-    draws = sample_keep_decision(pred.expand(n, -1, -1, -1).reshape(n * 2, 64, 2),
-                                 torch.Generator().manual_seed(0)).reshape(n, 2, 64)
+    assert pred.shape[:2] == (batch, n_patches)
+    draws = sample_keep_decision(pred.expand(n, *pred.shape).reshape(n * batch, *pred.shape[1:]),
+                                 torch.Generator().manual_seed(0)).reshape(n, batch, n_patches)
     p_keep = pred[..., 0].exp()
     sigma = (p_keep * (1 - p_keep) / n).sqrt()
     dev = (draws.mean(0) - p_keep).abs()
@@ -248,8 +300,8 @@ def test_keep_decision_validation_and_sampling(tokenizer, encoder_io, golden_dir
 def test_highres_decoder(golden_dir: Path, gconfig: dict, cfg: LaVITConfig, tokenizer, highres) -> None:
     io = _io(golden_dir, "highres_decoder")
     _check_io_shapes(gconfig, "highres_decoder", io)
-    assert len(highres.state_dict()) == gconfig["fixtures"]["highres_decoder"]["weights"]["n_tensors"] == 67
-    atol = _atol(gconfig, "highres_decoder")
+    assert len(highres.state_dict()) == gconfig["fixtures"]["highres_decoder"]["weights"]["n_tensors"]
+    tol = _tol(gconfig, "highres_decoder")
     codes, nums = llm_ids_to_codes(io["llm_sequences"], cfg.ids)
     _exact(codes, io["code_ids"], "llm_ids_to_codes code_ids")
     _exact(nums, io["token_nums"], "llm_ids_to_codes token_nums")
@@ -258,11 +310,11 @@ def test_highres_decoder(golden_dir: Path, gconfig: dict, cfg: LaVITConfig, toke
     _exact(nums_l, io["token_nums"], "llm_ids_to_codes(list) token_nums")
     with torch.no_grad():
         rows = tokenizer.quantize(codes)
-        _close(rows, io["codebook_rows"], atol, "codebook_rows")
-        _close(highres.decode_queries(io["codebook_rows"], io["token_nums"]), io["visual_rec"], atol, "visual_rec")
+        _close(rows, io["codebook_rows"], tol, "codebook_rows")
+        _close(highres.decode_queries(io["codebook_rows"], io["token_nums"]), io["visual_rec"], tol, "visual_rec")
         prompt, pooled = highres(io["codebook_rows"], io["token_nums"])
-    _close(prompt, io["prompt_embeds"], atol, "prompt_embeds")
-    _close(pooled, io["pooled_prompt_embeds"], atol, "pooled_prompt_embeds")
+    _close(prompt, io["prompt_embeds"], tol, "prompt_embeds")
+    _close(pooled, io["pooled_prompt_embeds"], tol, "pooled_prompt_embeds")
 
 
 def test_lowres_decoder(golden_dir: Path, gconfig: dict, cfg: LaVITConfig) -> None:
@@ -279,7 +331,7 @@ def test_lowres_decoder(golden_dir: Path, gconfig: dict, cfg: LaVITConfig) -> No
     _load_strict(dec, state, "VQDecoder")
     with torch.no_grad():
         out = dec(io["codebook_rows"], io["token_nums"])
-    _close(out, io["prompt_embeds"], _atol(gconfig, "lowres_decoder"), "lowres prompt_embeds")
+    _close(out, io["prompt_embeds"], _tol(gconfig, "lowres_decoder"), "lowres prompt_embeds")
 
 
 def test_decoder_input_errors(highres, cfg: LaVITConfig) -> None:

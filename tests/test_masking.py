@@ -1,6 +1,9 @@
-"""Tests of pigeon_utils.masking: golden fixture (skipped without ../shared) and behaviour tests."""
+"""Tests of pigeon_utils.masking (the mutual mask generator) and pigeon_utils.keep (keep decisions): golden
+fixture (skipped without ../shared; every size, ratio and tolerance read from its config.json and tensors) and
+behaviour tests."""
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -8,25 +11,28 @@ import pytest
 import torch
 
 import pigeon_utils  # noqa: F401  (import order: before any transformers/diffusers import)
-from pigeon_utils.masking import (
-    DEFAULT_POSITION_ROWS,
-    UPSTREAM_POSITION_ROWS,
-    MutualMaskGenerator,
-    apply_keep,
+from pigeon_utils.keep import (
+    HIST_TYPE,
+    TARGET_TYPE,
     generate_keep_mask,
     gumbel_topk_keep,
     keep_count,
     keep_probabilities,
     layout_from_counts,
     random_mask_count,
+)
+from pigeon_utils.masking import (
+    DEFAULT_POSITION_ROWS,
+    UPSTREAM_POSITION_ROWS,
+    MutualMaskGenerator,
     sinusoidal_table,
 )
 
-ATOL = 1e-5  # config.json → fixtures.mask_generator.tolerance.recommended.atol
+ATOL = 1e-5  # behaviour tests (the golden tests read theirs from config.json)
 
 
-def _close(actual, expected):
-    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=1e-5)
+def _close(actual, expected, atol=ATOL, rtol=1e-5):
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
 def parse_keys_file(path):
@@ -44,43 +50,67 @@ def parse_keys_file(path):
 # ---------------------------------------------------------------------------------------------------------
 # golden fixture
 # ---------------------------------------------------------------------------------------------------------
+class Golden:
+    """The mask_generator fixture: its config.json entry, tensors, weights and the generator built from them."""
+
+    def __init__(self, golden_dir):
+        from safetensors.torch import load_file
+
+        self.meta = json.loads((golden_dir / "config.json").read_text())["fixtures"]["mask_generator"]
+        self.io = load_file(str(golden_dir / "mask_generator.io.safetensors"))
+        self.weights = load_file(str(golden_dir / "mask_generator.weights.safetensors"))
+        described = self.meta["io"]["tensors"]
+        assert set(self.io) == set(described)
+        assert all(list(self.io[k].shape) == v["shape"] for k, v in described.items())
+        self.constructor = dict(self.meta["constructor"])
+        self.dim_feedforward = self.meta["implied"]["nn.TransformerEncoderLayer"]["dim_feedforward"]
+        rec = self.meta["tolerance"]["recommended"]
+        self.tol = dict(atol=float(rec["atol"]), rtol=float(rec["rtol"]))
+        args = self.meta["forward_args"]
+        self.ref_mask_ratio, self.hist_mask_ratio, self.tau = args["mask_ratio"], args["hist_mask_ratio"], args["tau"]
+
+    def generator(self, **overrides) -> MutualMaskGenerator:
+        kw = dict(self.constructor, dim_feedforward=self.dim_feedforward, **overrides)
+        return MutualMaskGenerator(**kw)
+
+
 @pytest.fixture(scope="module")
 def golden(golden_dir):
-    from safetensors.torch import load_file
-
-    io = load_file(str(golden_dir / "mask_generator.io.safetensors"))
-    weights = load_file(str(golden_dir / "mask_generator.weights.safetensors"))
+    g = Golden(golden_dir)
     torch.manual_seed(0)
-    gen = MutualMaskGenerator(64, num_heads=4, num_layers=1, drop_prob=0.2, eps=1e-5)
-    result = gen.load_state_dict(weights, strict=True)
+    gen = g.generator()
+    result = gen.load_state_dict(g.weights, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    return gen.eval(), io, weights
+    return gen.eval(), g
 
 
-def _run(gen, io, *, inference, noise=True, straight_through=True):
+def _run(gen, g, *, inference, noise=True, straight_through=True):
+    io = g.io
     ones = torch.ones_like(io["gumbel_exponential_hist"])
     return gen(io["token_embeds"], io["attention_mask"], io["position_ids"], io["type_ids"],
-               ref_mask_ratio=0.5, hist_mask_ratio=0.2, inference=inference, straight_through=straight_through,
+               ref_mask_ratio=g.ref_mask_ratio, hist_mask_ratio=g.hist_mask_ratio, tau=g.tau, inference=inference,
+               straight_through=straight_through,
                hist_exponential=io["gumbel_exponential_hist"] if noise else ones,
                target_exponential=io["gumbel_exponential_target"] if noise else ones)
 
 
 def test_golden_scores_and_probabilities(golden):
-    gen, io, _ = golden
+    gen, g = golden
+    io, tol = g.io, g.tol
     valid = ~io["attention_mask"]
-    target = io["type_ids"] == 2
+    target = io["type_ids"] == TARGET_TYPE
     with torch.no_grad():
-        out = _run(gen, io, inference=True)
-        train = _run(gen, io, inference=False)
+        out = _run(gen, g, inference=True)
+        train = _run(gen, g, inference=False)
     s = out.scores
-    _close(s.input_embeds, io["input_embeds"])
-    _close(s.output_embeds[valid], io["output_embeds"][valid])
-    _close(s.output_embeds[valid], io["output_embeds_no_fastpath"][valid])
-    _close(s.cos_sim[valid], io["cos_sim"][valid])
+    _close(s.input_embeds, io["input_embeds"], **tol)
+    _close(s.output_embeds[valid], io["output_embeds"][valid], **tol)
+    _close(s.output_embeds[valid], io["output_embeds_no_fastpath"][valid], **tol)
+    _close(s.cos_sim[valid], io["cos_sim"][valid], **tol)
     assert torch.all(s.output_embeds[~valid] == 0) and torch.all(s.cos_sim[~valid] == 0)
-    _close(out.hist_keep_prob, io["hist_keep_prob"])
-    _close(out.target_keep_prob, io["target_keep_prob_inference"])
-    _close(train.target_keep_prob[target], io["target_keep_prob_training"][target])
+    _close(out.hist_keep_prob, io["hist_keep_prob"], **tol)
+    _close(out.target_keep_prob, io["target_keep_prob_inference"], **tol)
+    _close(train.target_keep_prob[target], io["target_keep_prob_training"][target], **tol)
     assert torch.all(train.target_keep_prob[~target] == 0)
 
 
@@ -88,45 +118,54 @@ def test_golden_scores_and_probabilities(golden):
 @pytest.mark.parametrize("noise", [True, False], ids=["gumbel", "no_noise"])
 @pytest.mark.parametrize("straight_through", [True, False], ids=["st", "reference"])
 def test_golden_keep_decisions(golden, inference, noise, straight_through):
-    gen, io, _ = golden
+    gen, g = golden
+    io = g.io
     name = "keep_decision_" + ("inference" if inference else "training") + ("" if noise else "_no_noise")
-    out = _run(gen, io, inference=inference, noise=noise, straight_through=straight_through)
+    out = _run(gen, g, inference=inference, noise=noise, straight_through=straight_through)
     expected = io[name] != 0
     assert torch.equal(out.hard, expected)
     assert torch.equal(out.keep.detach(), expected.float())  # forward value exactly 0/1
-    # k = max(1, int(n (1 - r))): rows have 12 / 7 history and 6 / 5 target tokens.
-    assert out.hist_keep_count.tolist() == [max(1, int(12 * 0.8)), max(1, int(7 * 0.8))] == [9, 5]
-    assert out.target_keep_count.tolist() == [3, 2]
+    # k = max(1, int(n (1 - r))) per row, n = the group sizes that config.json's sequence layout records.
+    layout = g.meta["sequence_layout"]
+    n_hist = [sum(row) for row in layout["history_token_counts"]]
+    n_target = layout["target_token_counts"]
+    assert (io["type_ids"] == HIST_TYPE).sum(-1).tolist() == n_hist
+    assert (io["type_ids"] == TARGET_TYPE).sum(-1).tolist() == n_target
+    assert out.hist_keep_count.tolist() == [max(1, int(n * (1 - g.hist_mask_ratio))) for n in n_hist]
+    assert out.target_keep_count.tolist() == [max(1, int(n * (1 - g.ref_mask_ratio))) for n in n_target]
+    assert (out.hard & (io["type_ids"] == HIST_TYPE)).sum(-1).tolist() == out.hist_keep_count.tolist()
+    assert (out.hard & (io["type_ids"] == TARGET_TYPE)).sum(-1).tolist() == out.target_keep_count.tolist()
 
 
 def test_golden_training_flip_visible_without_noise(golden):
-    gen, io, _ = golden
+    gen, g = golden
     with torch.no_grad():
-        inf = _run(gen, io, inference=True, noise=False).hard
-        train = _run(gen, io, inference=False, noise=False).hard
-    target = io["type_ids"] == 2
+        inf = _run(gen, g, inference=True, noise=False).hard
+        train = _run(gen, g, inference=False, noise=False).hard
+    target = g.io["type_ids"] == TARGET_TYPE
     assert torch.equal(inf & ~target, train & ~target)
     assert not torch.equal(inf & target, train & target)
 
 
 def test_golden_position_table_upstream_rows(golden):
-    gen, io, weights = golden
+    gen, g = golden
+    weights = g.weights
     stored = weights["position_embedding.pe"]
-    assert stored.shape[0] == UPSTREAM_POSITION_ROWS
+    assert stored.shape[0] == g.meta["implied"]["PositionalEncoding"]["max_len"] == UPSTREAM_POSITION_ROWS
     pe = gen.position_embedding.pe
     assert pe.shape[0] == DEFAULT_POSITION_ROWS  # the stored 257 rows were checked and extended
     torch.testing.assert_close(pe[:UPSTREAM_POSITION_ROWS], stored, atol=1e-4, rtol=0)
     up = gen.upstream_state_dict()
     assert set(up) == set(weights) and all(up[k].shape == weights[k].shape for k in weights)
     # an upstream-sized model loads the file as stored
-    small = MutualMaskGenerator(64, max_positions=UPSTREAM_POSITION_ROWS)
+    small = g.generator(max_positions=UPSTREAM_POSITION_ROWS)
     small.load_state_dict(weights, strict=True)
     assert torch.equal(small.position_embedding.pe, stored)
     # a table that is not the sinusoid is refused, naming the key
     bad = dict(weights)
     bad["position_embedding.pe"] = stored.flip(0)
     with pytest.raises(ValueError, match="position_embedding.pe"):
-        MutualMaskGenerator(64).load_state_dict(bad, strict=True)
+        g.generator().load_state_dict(bad, strict=True)
 
 
 def test_full_size_state_dict_matches_keys_file(shared_dir):
@@ -280,7 +319,7 @@ def _loss(gen, straight_through, counts=None):
     out = gen(emb, pad, pos, types, ref_mask_ratio=0.5, hist_mask_ratio=0.2, inference=False,
               straight_through=straight_through, generator=torch.Generator().manual_seed(0))
     w = torch.randn(emb.shape, generator=torch.Generator().manual_seed(9))
-    return (apply_keep(emb, out.keep) * w).sum(), out
+    return (emb * out.keep.unsqueeze(-1) * w).sum(), out  # masked tokens → zero vectors, as the model does
 
 
 def test_gradients_reach_generator_in_straight_through_mode():
@@ -373,15 +412,6 @@ def test_none_mask_type_and_mutual_entry_point():
         generate_keep_mask("mutual", type_ids=types, padding_mask=pad, ref_mask_ratio=0.3)
     with pytest.raises(ValueError, match="'learned'"):
         generate_keep_mask("learned", type_ids=types, padding_mask=pad)
-
-
-def test_apply_keep_zeroes_masked_tokens():
-    emb = torch.randn(2, 5, 8)
-    keep = torch.tensor([[1.0, 0, 1, 0, 0], [0, 0, 0, 1, 1]])
-    out = apply_keep(emb, keep)
-    assert torch.all(out[keep == 0] == 0) and torch.equal(out[keep == 1], emb[keep == 1])
-    with pytest.raises(ValueError, match=r"\(2, 5\)"):
-        apply_keep(emb, keep[:, :4])
 
 
 def test_layout_from_counts():
