@@ -3,9 +3,9 @@
 What is measured (random weights, no checkpoint needed):
 
 * **SFT**: ``LlamaForCausalLM`` shaped like LaVIT-7B-v2's LLM (hidden 4096, 32 layers, 32 heads, FFN 11008, vocab 48386)
-  in bf16, frozen, with peft LoRA r=8 / α=16 / dropout 0.05 on ``q_proj``/``v_proj`` (spec pigeon-algorithm §3.1),
+  in bf16, frozen, with peft LoRA r=8 / α=16 / dropout 0.05 on ``q_proj``/``v_proj`` (docs/algorithm.md §3.1),
   gradient checkpointing (as ``prepare_model_for_kbit_training`` enables), AdamW on the LoRA weights; batch 16 of
-  800-token sequences (spec §9: T_text + 6·n̄ + 2 ≈ 800) with full-vocabulary logits and loss. Reports tokens/s,
+  800-token sequences (T_text + 6·n̄ + 2 ≈ 800) with full-vocabulary logits and loss. Reports tokens/s,
   ``torch.cuda.max_memory_allocated`` and MFU against the GPU's dense bf16 peak (``--peak-tflops``).
 * **Generation**: the same LoRA model sampling visual tokens (top-k 50, text ids 3..31999 suppressed, exactly
   ``--gen-tokens`` new tokens) after an ``--gen-prompt``-token prompt, batch ``--gen-batch``; visual tokens/s overall

@@ -1,9 +1,9 @@
-"""The data layer: Pigeon's two dataset formats, read, validated and held in a typed in-memory form.
+"""The dataset: Pigeon's data folders opened, validated and held in a typed in-memory form (:class:`PigeonData`).
 
 Folder layout (real or toy; one loader serves both)::
 
     <data_dir>/                      e.g. dataset/SER-30K, dataset/ml-latest-small, dataset/toy-sticker
-      processed_seq/                 the seed's files (spec §1.1), upstream .npy or our safe .json/.safetensors
+      processed_seq/                 the seed's files (docs/algorithm.md §1.1), upstream .npy or safe format
         all_image_paths              iid -> image path relative to the image folder
         mapped_anno_dict             sticker: iid -> {'emo', 'text'}
         mapped_movies                movie:   iid -> {'title', 'genres', 'intro'}
@@ -16,250 +16,43 @@ Folder layout (real or toy; one loader serves both)::
         map/...                      id maps saved by the authors' preprocessing (kept as read)
       Images/ (sticker) or poster/ (movie)
 
-**Security.** The upstream ``.npy`` files are pickles: loading one can run code. They are read only with an
-explicit ``trust_pickle=True``; :func:`convert_upstream` converts a whole folder once into the safe format
-(JSON for ids and text, safetensors for features and token sequences), which is what the project reads from
-then on (a safe file wins over an ``.npy`` beside it).
+The files themselves (the upstream pickles, which need ``trust_pickle=True``, and the safe JSON / safetensors
+format) are read and written by :mod:`pigeon_utils.data_formats`; windows and splits of interaction sequences
+are made by :mod:`pigeon_utils.windows`.
 """
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
-from pigeon_utils.atomic import atomic_write, atomic_write_text
+# re-exported: callers import the file-format and window names from here too
+from pigeon_utils.data_formats import (DataError, MissingDataError, PickleNotTrustedError, convert_upstream,
+                                       find_file, load_safe, load_upstream_npy, read_file, save_safe,
+                                       save_upstream_npy)
 from pigeon_utils.prompts import N_HISTORY, build_prompt_text, clean_title
+from pigeon_utils.windows import SPLITS, WINDOW, build_windows, split_windows
 
-WINDOW = N_HISTORY + 1
-SPLITS = ("train", "valid", "test")
 SCENARIOS = ("sticker", "movie")
 
-DOWNLOAD_HINT = {
-    "sticker": ("SER-30K as processed by the Pigeon authors: download it from the 'Dataset' link of the Pigeon "
-                "README (https://github.com/YiyanXu/Pigeon, Google Drive folder "
-                "1MpvkQ_DCimfcXBZJpPmliNf8s4reUA9B) and unpack it so that {root}/processed_seq/ and "
-                "{root}/Images/ exist; then run pigeon_utils.data.convert_upstream('{root}/processed_seq', "
-                "trust_pickle=True) once. The toy stand-in needs no download: preset='toy'."),
-    "movie": ("MovieLens-latest-small as processed by the Pigeon authors: download it from the 'Dataset' link "
-              "of the Pigeon README (https://github.com/YiyanXu/Pigeon, Google Drive folder "
-              "1MpvkQ_DCimfcXBZJpPmliNf8s4reUA9B) and unpack it so that {root}/processed_seq/ and "
-              "{root}/poster/ exist; then run pigeon_utils.data.convert_upstream('{root}/processed_seq', "
-              "trust_pickle=True) once. The toy stand-in needs no download: preset='toy'."),
-}
+_DOWNLOAD = ("{dataset} as processed by the Pigeon authors: download it from the 'Dataset' link of the Pigeon README "
+             "(https://github.com/YiyanXu/Pigeon, Google Drive folder 1MpvkQ_DCimfcXBZJpPmliNf8s4reUA9B) and unpack it "
+             "so that {{root}}/processed_seq/ and {{root}}/{images}/ exist; then run "
+             "pigeon_utils.data_formats.convert_upstream('{{root}}/processed_seq', trust_pickle=True) once. The toy "
+             "stand-in needs no download: preset='toy'.")
+DOWNLOAD_HINT = {"sticker": _DOWNLOAD.format(dataset="SER-30K", images="Images"),
+                 "movie": _DOWNLOAD.format(dataset="MovieLens-latest-small", images="poster")}
 IMAGE_DIRS = {"sticker": "Images", "movie": "poster"}
 SEMANTICS_FILE = {"sticker": "sticker_semantics", "movie": "movie_semantics"}
 USER_FILE = {"sticker": "mapped_user_dict", "movie": "user_seq_dict"}
 META_FILE = {"sticker": "mapped_anno_dict", "movie": "mapped_movies"}
-# files stored as safetensors in the safe format; everything else is JSON
-_FEATURE_FILES = ("all_clip_feats", "all_dino_feats")
-_INT_KEY = re.compile(r"^-?\d+$")
-
-
-# --------------------------------------------------------------------------------------------- errors
-class DataError(ValueError):
-    """A dataset file has content other than expected; the message names the file, key and value."""
-
-
-class MissingDataError(FileNotFoundError):
-    """A data folder or file is absent; the message says what was expected and where to get it."""
-
-
-class PickleNotTrustedError(DataError):
-    """An upstream pickled ``.npy`` file was about to be read without ``trust_pickle=True``."""
 
 
 class ImageError(DataError):
     """An image referenced by the dataset is missing or cannot be decoded."""
-
-
-# ------------------------------------------------------------------------------------- upstream .npy
-def load_upstream_npy(path: Path | str, trust_pickle: bool = False) -> Any:
-    """Read one upstream ``.npy`` file. Object arrays (pickles) need ``trust_pickle=True``.
-
-    A 0-d object array (a saved dict) is returned as the dict; a 1-d object array as a list; numeric arrays
-    as numpy arrays.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingDataError(f"{path}: file not found")
-    with open(path, "rb") as fh:
-        if fh.read(6) != b"\x93NUMPY":
-            raise DataError(f"{path}: not a readable .npy file (no NPY header; truncated or another format)")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        if "allow_pickle" not in str(e):
-            raise DataError(f"{path}: not a readable .npy file ({e})") from e
-        if not trust_pickle:
-            raise PickleNotTrustedError(
-                f"{path} is a pickled object array: reading it runs code stored in the file. If you trust its "
-                "source, pass trust_pickle=True, or convert the folder once with "
-                "pigeon_utils.data.convert_upstream(data_path, trust_pickle=True) and read the safe files "
-                "from then on.") from None
-        arr = np.load(path, allow_pickle=True)
-    except Exception as e:  # truncated or not an npy file at all
-        raise DataError(f"{path}: not a readable .npy file ({type(e).__name__}: {e})") from e
-    if arr.dtype == object:
-        return arr.item() if arr.ndim == 0 else list(arr)
-    return arr
-
-
-def save_upstream_npy(path: Path | str, obj: Any) -> None:
-    """Write `obj` the way the upstream preprocessing did (``np.save``; dicts and lists become pickles)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(obj, np.ndarray):
-        arr = obj
-    elif isinstance(obj, dict):
-        arr = np.empty((), dtype=object)
-        arr[()] = obj
-    else:
-        arr = np.empty(len(obj), dtype=object)
-        arr[:] = list(obj)
-    with open(path, "wb") as fh:  # np.save(str) would append .npy to a name without it
-        np.save(fh, arr, allow_pickle=True)
-
-
-# ------------------------------------------------------------------------------------- safe format
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
-        return obj.tolist()
-    return obj
-
-
-def _int_keys(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {(int(k) if isinstance(k, str) and _INT_KEY.match(k) else k): _int_keys(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_int_keys(v) for v in obj]
-    return obj
-
-
-def _flatten_tensors(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten_tensors(v, f"{prefix}{k}/"))
-        return out
-    return {prefix[:-1]: obj}
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-    root: dict = {}
-    for key, value in flat.items():
-        node = root
-        parts = key.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(int(p) if _INT_KEY.match(p) else p, {})
-        last = parts[-1]
-        node[int(last) if _INT_KEY.match(last) else last] = value
-    return root
-
-
-def _is_tensor_file(name: str) -> bool:
-    stem = name.split("/")[-1]
-    return stem in _FEATURE_FILES or stem.endswith("_hist_embeds") or stem.endswith("_preference_data")
-
-
-def save_safe(data_path: Path | str, name: str, obj: Any) -> Path:
-    """Write one logical file (`name` like ``train`` or ``data_ready/test_ready``) in the safe format.
-
-    Features and token sequences go to ``<name>.safetensors`` (nested dict keys joined with ``/``), everything
-    else to ``<name>.json``. The write is atomic (temporary file, then rename).
-    """
-    import torch
-    from safetensors.torch import save
-
-    data_path = Path(data_path)
-    if _is_tensor_file(name):
-        dst = data_path / f"{name}.safetensors"
-        if isinstance(obj, dict):
-            flat = {k: torch.as_tensor(np.asarray(v)).contiguous() for k, v in _flatten_tensors(obj).items()}
-        else:
-            flat = {"feats": torch.as_tensor(np.asarray(obj, dtype=np.float32)).contiguous()}
-        data = save(flat)
-        atomic_write(dst, lambda f: f.write(data))
-    else:
-        dst = data_path / f"{name}.json"
-        atomic_write_text(dst, json.dumps(_jsonable(obj), separators=(",", ":")))
-    return dst
-
-
-def load_safe(path: Path) -> Any:
-    """Read a safe-format file written by :func:`save_safe` (keys that are integers come back as ints)."""
-    if path.suffix == ".json":
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from e
-        return obj if "/map/" in path.as_posix() else _int_keys(obj)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        flat = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise DataError(f"{path}: not a readable safetensors file ({e})") from e
-    if set(flat) == {"feats"}:
-        return flat["feats"].numpy()
-    return _unflatten(flat)
-
-
-def find_file(data_path: Path, name: str) -> Path | None:
-    """The file holding logical file `name`: the safe version if present, else the upstream ``.npy``."""
-    for suffix in (".json", ".safetensors", ".npy"):
-        p = data_path / f"{name}{suffix}"
-        if p.is_file():
-            return p
-    return None
-
-
-def read_file(data_path: Path | str, name: str, trust_pickle: bool = False, required: bool = True) -> Any:
-    """Read logical file `name` from a ``processed_seq`` folder, safe format first."""
-    data_path = Path(data_path)
-    p = find_file(data_path, name)
-    if p is None:
-        if required:
-            raise MissingDataError(f"{data_path / name}.npy (or .json / .safetensors): file not found in "
-                                   f"{data_path}")
-        return None
-    if p.suffix == ".npy":
-        return load_upstream_npy(p, trust_pickle=trust_pickle)
-    return load_safe(p)
-
-
-def convert_upstream(data_path: Path | str, out_path: Path | str | None = None, trust_pickle: bool = False) -> list[Path]:
-    """Convert every upstream ``.npy`` file under `data_path` to the safe format (into `out_path`, default
-    the same folder). Needs ``trust_pickle=True`` for the pickled files. Returns the files written."""
-    data_path = Path(data_path)
-    out = Path(out_path) if out_path is not None else data_path
-    if not data_path.is_dir():
-        raise MissingDataError(f"{data_path}: folder not found")
-    written = []
-    for npy in sorted(data_path.rglob("*.npy")):
-        name = npy.relative_to(data_path).with_suffix("").as_posix()
-        obj = load_upstream_npy(npy, trust_pickle=trust_pickle)
-        written.append(save_safe(out, name, _to_plain(obj)))
-    return written
-
-
-def _to_plain(obj: Any) -> Any:
-    """Turn numpy / torch containers read from a pickle into plain Python or array values."""
-    if isinstance(obj, dict):
-        return {(k.item() if hasattr(k, "item") else k): _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 # ------------------------------------------------------------------------------------ typed records
@@ -419,7 +212,7 @@ class PigeonData:
         return info.title
 
     def prompt(self, sample: Sample) -> str:
-        """The sample's full instruction text with its ``<img>`` and ``<emb>`` placeholders (spec §1.3)."""
+        """The sample's instruction text with its ``<img>`` and ``<emb>`` placeholders (docs/algorithm.md §1.3)."""
         titles = [self.target_info(i) for i in sample.history] if self.scenario == "movie" else None
         return build_prompt_text(self.scenario, self.target_info(sample.target), self.semantics[sample.target],
                                  history_titles=titles)
@@ -622,51 +415,7 @@ def open_dataset(data_dir: Path | str, scenario: str, trust_pickle: bool = False
                       trust_pickle=trust_pickle)
 
 
-# --------------------------------------------------------------------------- windows and splits
-def build_windows(user_seqs: dict[int, dict[int, list[int]]], length: int = WINDOW,
-                  stride: int = 1) -> dict[int, dict[int, list[list[int]]]]:
-    """Sliding windows over each user's interaction sequence: `length` consecutive items (5 history + 1
-    target by default), moving `stride` items at a time. Sequences shorter than `length` yield none."""
-    if length < 2 or stride < 1:
-        raise ValueError(f"length={length}, stride={stride}: expected length >= 2 and stride >= 1")
-    out: dict[int, dict[int, list[list[int]]]] = {}
-    for uid, per_g in user_seqs.items():
-        for gid, seq in per_g.items():
-            seq = [int(i) for i in seq]
-            ws = [seq[s:s + length] for s in range(0, len(seq) - length + 1, stride)]
-            if ws:
-                out.setdefault(int(uid), {})[int(gid)] = ws
-    return out
-
-
-def split_windows(windows: dict[int, dict[int, list[list[int]]]], ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                  seed: int = 0, by: str = "window") -> dict[str, dict[int, dict[int, list[list[int]]]]]:
-    """Split samples into train / valid / test (8:1:1 by default).
-
-    ``by="window"`` (the paper's split) shuffles all windows, so one user appears in every split;
-    ``by="user"`` is user-disjoint: whole users go to one split, so test users are unseen in training.
-    """
-    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
-        raise ValueError(f"ratios={ratios}: expected three non-negative numbers summing to 1")
-    rng = np.random.default_rng(seed)
-    if by == "window":
-        units = [(u, g, k) for u, per_g in windows.items() for g, ws in per_g.items() for k in range(len(ws))]
-    elif by == "user":
-        units = list(windows)
-    else:
-        raise ValueError(f"by={by!r}: expected 'window' or 'user'")
-    order = rng.permutation(len(units))
-    n_train = int(len(units) * ratios[0])
-    n_valid = int(len(units) * ratios[1])
-    assign = np.empty(len(units), dtype=np.int64)
-    assign[order[:n_train]] = 0
-    assign[order[n_train:n_train + n_valid]] = 1
-    assign[order[n_train + n_valid:]] = 2
-    out: dict[str, dict[int, dict[int, list[list[int]]]]] = {s: {} for s in SPLITS}
-    if by == "window":
-        for (u, g, k), a in zip(units, assign):
-            out[SPLITS[a]].setdefault(u, {}).setdefault(g, []).append(windows[u][g][k])
-    else:
-        for u, a in zip(units, assign):
-            out[SPLITS[a]][u] = {g: list(ws) for g, ws in windows[u].items()}
-    return out
+__all__ = ["DOWNLOAD_HINT", "DataError", "DataReady", "ImageError", "MissingDataError", "MovieInfo",
+           "PickleNotTrustedError", "PigeonData", "SCENARIOS", "SPLITS", "Sample", "StickerInfo", "WINDOW",
+           "build_windows", "convert_upstream", "find_file", "load_safe", "load_upstream_npy", "open_dataset",
+           "read_file", "save_safe", "save_upstream_npy", "split_windows"]

@@ -1,4 +1,4 @@
-"""Pigeon's instruction prompts and the text side of LaVIT's id layout (spec §1.3–1.4).
+"""Pigeon's instruction prompts and the text side of LaVIT's id layout (docs/algorithm.md §1.3–1.4).
 
 The prompt text is built exactly as the reference data utilities build it (same strings, same layout). The
 reference tokenized it with transformers 4.33.2, whose slow tokenizer strips the white space (``\\n`` included)

@@ -1,4 +1,4 @@
-"""The data layer: upstream formats round-trip, validation errors, windows and splits, the toy datasets."""
+"""The data layer: upstream and safe formats round-trip, validation errors, windows and splits, the toy datasets."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pigeon_utils import data, toy_data
-from pigeon_utils.data import (DataError, ImageError, MissingDataError, PickleNotTrustedError, build_windows,
-                               convert_upstream, open_dataset, save_upstream_npy, split_windows)
+from pigeon_utils import data, data_formats
+from pigeon_utils.data import DataError, ImageError, MissingDataError, PickleNotTrustedError, open_dataset
+from pigeon_utils.data_formats import convert_upstream, save_upstream_npy
+from pigeon_utils.toy import data as toy_data
+from pigeon_utils.windows import build_windows, split_windows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,13 +71,13 @@ def test_upstream_pickles_round_trip_through_converter(tmp_path):
     objs = _upstream_sticker(tmp_path)
     d = tmp_path / "processed_seq"
     for name, obj in objs.items():  # the opt-in reader gives back what was written
-        _assert_same(obj, data.read_file(d, name, trust_pickle=True))
+        _assert_same(obj, data_formats.read_file(d, name, trust_pickle=True))
     out = tmp_path / "safe"
     written = convert_upstream(d, out, trust_pickle=True)
     assert len(written) == len(objs)
     assert not list(out.rglob("*.npy"))
     for name, obj in objs.items():  # the safe reader gives back the same content, no pickle involved
-        _assert_same(obj, data.read_file(out, name, trust_pickle=False))
+        _assert_same(obj, data_formats.read_file(out, name, trust_pickle=False))
 
 
 def test_open_dataset_from_upstream_and_from_converted(tmp_path):
@@ -104,7 +106,17 @@ def test_open_dataset_from_upstream_and_from_converted(tmp_path):
 def test_plain_numeric_npy_needs_no_opt_in(tmp_path):
     p = tmp_path / "all_clip_feats.npy"
     save_upstream_npy(p, np.zeros((3, 2), dtype=np.float32))
-    assert data.load_upstream_npy(p).shape == (3, 2)
+    assert data_formats.load_upstream_npy(p).shape == (3, 2)
+
+
+def test_format_and_window_names_stay_importable_from_data():
+    """pigeon_utils.data re-exports what moved to data_formats / windows (notebooks and older code use it)."""
+    from pigeon_utils import windows
+
+    for name in data_formats.__all__:
+        assert getattr(data, name) is getattr(data_formats, name), name
+    for name in windows.__all__:
+        assert getattr(data, name) is getattr(windows, name), name
 
 
 # ----------------------------------------------------------------------------------- bad input
@@ -173,7 +185,7 @@ def test_corrupt_json_and_npy_are_named(sticker_copy, tmp_path):
     bad = tmp_path / "x.npy"
     bad.write_bytes(b"garbage")
     with pytest.raises(DataError, match=r"x\.npy: not a readable \.npy file"):
-        data.load_upstream_npy(bad)
+        data_formats.load_upstream_npy(bad)
 
 
 def test_missing_label_is_named(sticker_copy):

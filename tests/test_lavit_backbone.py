@@ -13,21 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pigeon_utils.backbone import Backbone, CheckpointError, load_backbone
+from pigeon_utils.backbone import Backbone, CheckpointError
 from conftest import NOTEBOOK_SMOKE
 
 from pigeon_utils.batch import list_notebooks, run_batch
 from pigeon_utils.lavit import LaVITConfig
-from pigeon_utils.lavit.backbone import (
-    CONFIG_FILE,
-    LaVITMissingFileError,
-    LaVITWeightsError,
-    config_from_dict,
-    config_to_dict,
-    load_lavit_backbone,
-)
+from pigeon_utils.lavit.backbone import CONFIG_FILE, config_from_dict, config_to_dict, load_lavit_backbone
 from pigeon_utils.lavit.checkpoint import HUB_ID, read_state_dict
+from pigeon_utils.lavit.errors import LaVITMissingFileError, LaVITWeightsError
 from pigeon_utils.lavit.tiny_checkpoint import build_text_tokenizer, write_tiny_checkpoint
+from pigeon_utils.worlds import load_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 #: every numbered notebook from 02 on runs with preset="lavit" on the tiny checkpoint (notebooks added later join)
@@ -196,7 +191,7 @@ def test_bf16_path_runs_on_cpu(tiny_dir: Path) -> None:
 
 
 def test_load_backbone_dispatches_to_lavit(tiny_dir: Path) -> None:
-    """``pigeon_utils.backbone.load_backbone("lavit", ...)`` must reach :func:`load_lavit_backbone`."""
+    """``pigeon_utils.worlds.load_backbone("lavit", ...)`` must reach :func:`load_lavit_backbone`."""
     assert isinstance(load_backbone("lavit", tiny_dir), Backbone)
 
 
@@ -304,11 +299,11 @@ def test_notebook_runs_with_the_lavit_preset(tiny_dir: Path, tmp_path: Path, num
 
 def test_sentencepiece_tokenizer_without_its_packages(ckpt_copy: Path, monkeypatch) -> None:
     """LaVIT ships only tokenizer.model; reading it needs sentencepiece + protobuf, else a clear error says so."""
-    import pigeon_utils.lavit.backbone as lb
+    import pigeon_utils.lavit.language_model as lm_module
 
     lm = ckpt_copy / "language_model"
     (lm / "tokenizer.json").unlink()
     (lm / "tokenizer.model").write_bytes(b"")
-    monkeypatch.setattr(lb, "_missing_sentencepiece_modules", lambda: ["sentencepiece", "protobuf"])
+    monkeypatch.setattr(lm_module, "missing_sentencepiece_modules", lambda: ["sentencepiece", "protobuf"])
     with pytest.raises(ImportError, match="pip install sentencepiece protobuf.*tokenizer.json"):
         load_lavit_backbone(ckpt_copy)

@@ -1,4 +1,4 @@
-"""Full-size LaVIT modules have exactly the upstream parameter names and shapes (spec/keys/*.txt).
+"""Full-size LaVIT modules have exactly the upstream parameter names and shapes (../shared/spec/keys/*.txt).
 
 The modules are built on the ``meta`` device (no memory, no init cost). The key listings collapse the
 per-block entries to ``blocks.N.``; their header states the total tensor and element counts.

@@ -1,4 +1,4 @@
-"""Prompt text and its tokenizer-independent segmentation (spec §1.3–1.4)."""
+"""Prompt text and its tokenizer-independent segmentation (docs/algorithm.md §1.3–1.4)."""
 from __future__ import annotations
 
 import pytest

@@ -8,8 +8,10 @@ generated visual tokens back into SDXL-style UNet conditioning:
 * :class:`DynamicVisualTokenizer`: token predictor, token merger, quantizer -> code ids.
 * :class:`HighresVQDecoder` / :class:`VQDecoder`: code ids -> UNet conditioning.
 * :mod:`pigeon_utils.lavit.checkpoint`: loading these parts from a ``rain1011/LaVIT-7B-v2`` folder.
-* :func:`load_lavit_backbone`: the whole checkpoint (plus the LLM, text tokenizer and SDXL-style pixel decoder) as a
-  :class:`pigeon_utils.backbone.Backbone`; :func:`write_tiny_checkpoint`: a tiny random one in the same layout.
+* :func:`load_lavit_backbone` (:mod:`pigeon_utils.lavit.backbone`): the whole checkpoint as a
+  :class:`pigeon_utils.backbone.Backbone`, with the LLM and text tokenizer (:mod:`pigeon_utils.lavit.language_model`)
+  and the SDXL-style pixel decoder (:mod:`pigeon_utils.lavit.pixel_decoder`); its errors are in
+  :mod:`pigeon_utils.lavit.errors`. :func:`write_tiny_checkpoint`: a tiny random checkpoint in the same layout.
 * :mod:`pigeon_utils.lavit.extractors`: the evaluation feature extractors, from local files only.
 
 Parameter names follow upstream (jy0205/LaVIT) so the published state dicts load strictly; sizes come
@@ -22,8 +24,9 @@ from pigeon_utils.lavit.config import (
     TokenIds,
     TokenizerConfig,
 )
-from pigeon_utils.lavit.backbone import LaVITMissingFileError, LaVITWeightsError, load_lavit_backbone
+from pigeon_utils.lavit.backbone import load_lavit_backbone
 from pigeon_utils.lavit.decoder import HighresVQDecoder, VQDecoder
+from pigeon_utils.lavit.errors import LaVITMissingFileError, LaVITWeightsError
 from pigeon_utils.lavit.eva import EVAVisionTransformer
 from pigeon_utils.lavit.ids import codes_to_llm_ids, llm_ids_to_codes
 from pigeon_utils.lavit.preprocess import LaVITImageProcessor

@@ -1,6 +1,6 @@
 """Load LaVIT's visual tokenizer and detokenizer from a ``rain1011/LaVIT-7B-v2`` checkpoint folder.
 
-Layout read here (spec §2.2; only the custom parts, the LLM and diffusion folders are library classes)::
+Layout read here (only the custom parts; the LLM and diffusion folders are library classes)::
 
     <root>/
       language_model/
@@ -55,7 +55,7 @@ HIGHRES_DECODER_FILE = ("visual_tokenizer", "highres_tokenizer_decoder")
 LOWRES_DECODER_FILE = ("visual_tokenizer", "tokenizer_decoder")
 VISUAL_WEIGHT_STEM = "visual_weight"
 
-#: prefixes of the tokenizer that ``tokenizer_encoder.bin`` must fill (spec §2.3).
+#: prefixes of the tokenizer that ``tokenizer_encoder.bin`` must fill.
 TOKENIZER_ENCODER_REQUIRED = ("token_predictor.", "causal_encoder.", "encode_task_layer.", "quantize.embedding.weight")
 #: what ``visual_weight.bin`` must fill for understanding.
 VISUAL_WEIGHT_REQUIRED = ("vit_proj.",)

@@ -1,4 +1,4 @@
-"""Evaluation feature extractors of the real world, loaded only from local files (spec pigeon-algorithm §6–§8).
+"""Evaluation feature extractors of the real world, loaded only from local files (docs/algorithm.md §6–§7).
 
 * :func:`load_open_clip` (CLIP score, CLIP-I, history CIS): ``open_clip/ViT-H-14-laion2b_s32b_b79k/``
   ``open_clip_pytorch_model.bin`` (or ``open_clip_model.safetensors``), from HF
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pigeon_utils.backbone import CheckpointError
-from pigeon_utils.config import REPO_ROOT
+from pigeon_utils.paths import REPO_ROOT
 
 OPEN_CLIP_MODEL = "ViT-H-14"
 OPEN_CLIP_TAG = "laion2b_s32b_b79k"

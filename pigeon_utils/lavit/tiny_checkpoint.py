@@ -19,8 +19,7 @@ checkpoint: the same files, formats and loaders, only smaller::
 
 The id layout is LaVIT's: the text tokenizer has exactly 32000 entries (a few hundred real BPE pieces trained
 offline on Pigeon's prompt text, then unused filler entries), so Pigeon's ``<img>`` / ``<emb>`` land on 32000 / 32001;
-visual id = 32002 + code. Everything is deterministic given ``seed``; writing takes about a second (after the
-imports) and ~15 MB.
+visual id = 32002 + code. Everything is deterministic given ``seed``; the folder takes ~15 MB.
 
 CLI: ``python -m pigeon_utils.lavit.tiny_checkpoint --out checkpoints/lavit-tiny``.
 """
@@ -39,7 +38,7 @@ from pigeon_utils.lavit.decoder import HighresVQDecoder, VQDecoder
 from pigeon_utils.lavit.tokenizer import DynamicVisualTokenizer
 from pigeon_utils.prompts import TEMPLATES
 
-#: tiny LLM (spec lavit-architecture §7.2); hidden = the tiny tokenizer's vit_proj width (64).
+#: tiny LLM; hidden = the tiny tokenizer's vit_proj width (64).
 TINY_LLM = dict(intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                 max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True)
 #: number of entries of LaVIT's LLaMA text tokenizer (ids 0..31999); Pigeon's added tokens follow.
