@@ -2,7 +2,8 @@
 
 Trains Stage 1 on toy-poster with the toy defaults (:meth:`pigeon_utils.sft.SFTConfig.for_preset`), then generates
 one image per test sample at a fixed reference mask ratio α_r with (a) the pre-trained toy LMM (LoRA = identity,
-fresh adapter — the starting point of SFT) and (b) the SFT model, from the same prompts, masks and seeds, and scores
+fresh adapter — the starting point of SFT) and (b) the SFT model, from the same prompts, masks and seeds, with the
+sweep's decoder (:func:`pigeon_utils.generation.generate_images`; beam-sample unless ``--num-beams 1``), and scores
 both with the toy CLIP's zero-shot factor classifier:
 
 * style accuracy w.r.t. the user's history — a generated image's colour / pattern / stroke is right when it is a
@@ -14,7 +15,7 @@ It prints both, the validation losses (pre-trained = step 0, SFT = best) and the
 
     .venv/bin/python bench/bench_sft.py [--run-dir runs/bench-sft] [--alpha-r 0.5] [--test-samples 207]
                                         [--max-steps N] [--scenario movie] [--sft-seed 123]
-                                        [--adapter-only-steps 300]
+                                        [--adapter-only-steps 300] [--num-beams 4]
 
 Several ``--sft-seed`` runs (each in its own ``--run-dir``) give the spread that ``bench/bench_sweep.py --sft A B
 …`` averages the α_r trade-off over.
@@ -28,7 +29,9 @@ import time
 import pigeon_utils  # noqa: F401
 from pigeon_utils import config
 from pigeon_utils.data import open_dataset
-from pigeon_utils.sft import SFTConfig, compare_generation, pretrained_model, train_sft
+from pigeon_utils.generation import SamplingConfig
+from pigeon_utils.sft import SFTConfig, pretrained_model, train_sft
+from pigeon_utils.toy.scoring import compare_generation
 
 
 def main() -> None:
@@ -43,6 +46,8 @@ def main() -> None:
                     help="SFT seed (initialisation, data order, masks; default: the toy preset's, 123)")
     ap.add_argument("--adapter-only-steps", type=int, default=None,
                     help="steps in which the adapter learns alone (default: the toy preset's, 300; 0: the reference)")
+    ap.add_argument("--num-beams", type=int, default=None,
+                    help="decoder for the looks: 4 = the reference's beam-sample (the default), 1 = plain sampling")
     args = ap.parse_args()
 
     run = config.resolve(preset="toy", scenario=args.scenario, run_dir=args.run_dir, device="cpu")
@@ -60,8 +65,8 @@ def main() -> None:
     clip = load_toy_clip(run.checkpoint_dir, res.model.backbone.text_tokenizer)
     models = {"pre-trained": pretrained_model(run, cfg), "SFT": res.model}
     t1 = time.perf_counter()
-    cmp = compare_generation(models, ds, samples, args.alpha_r, clip, seed=args.seed,
-                             max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, progress=True)
+    sampling = SamplingConfig.for_preset("toy", num_beams=args.num_beams)
+    cmp = compare_generation(models, ds, samples, args.alpha_r, clip, sampling, seed=args.seed, progress=True)
     gen_s = time.perf_counter() - t1
     valid = res.log["valid"]
     report = {

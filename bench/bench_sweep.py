@@ -2,10 +2,10 @@
 
 On the toy backbone on the CPU, for the same test samples, seed and batch size, side by side in one process:
 
-* **sweep** — :func:`pigeon_utils.inference.sweep_tokens` over all ratios at once (the prompt up to the ``<emb>``
+* **sweep** — :func:`pigeon_utils.generation.generate_tokens` over all ratios at once (the prompt up to the ``<emb>``
   slot read once per sample and its KV cache kept once per sample for all the ratios' rows, one mask-generator and
   one detokenizer pass for all ratios), then the images decoded in one call per batch, as ``run_sweep`` does;
-* **separate** — what the paper does (one inference run per α_r, spec §5.3): for each α_r the images are tokenized
+* **separate** — what the paper does (one inference run per α_r, docs/algorithm.md §5.3): for each α_r the images are tokenized
   again, the whole prompt is read for that α_r alone, and the images are decoded per batch (the same code: a
   run's beams share their sample's prefix cache too).
 
@@ -37,13 +37,17 @@ import pigeon_utils  # noqa: F401
 import torch
 
 from pigeon_utils import config
-from pigeon_utils.backbone import load_backbone
+from pigeon_utils.batching import ImageTokenCache, prompt_batch
+from pigeon_utils.checkpoints import load_pigeon_model
 from pigeon_utils.data import open_dataset
-from pigeon_utils.inference import (InferenceConfig, SeededImageTokens, decode_sweep, row_seed, run_sweep,
-                                    sweep_batch, sweep_tokens)
-from pigeon_utils.scoring import load_clip, mean_se, score_sweep, sweep_factor_scores
-from pigeon_utils.sft import SFTConfig, load_sft_model, pretrained_model
+from pigeon_utils.generation import decode_images, generate_tokens
+from pigeon_utils.scoring import load_clip, mean_se, score_sweep
+from pigeon_utils.seeds import row_seed
+from pigeon_utils.sft import SFTConfig, pretrained_model
+from pigeon_utils.sweep import InferenceConfig, run_sweep
 from pigeon_utils.toy.load import load_toy_clip
+from pigeon_utils.toy.scoring import sweep_factor_scores
+from pigeon_utils.worlds import load_backbone
 
 
 def timed_pass(model, ds, samples, cfg: InferenceConfig,
@@ -54,18 +58,18 @@ def timed_pass(model, ds, samples, cfg: InferenceConfig,
     out = []
     for ratios in ratios_per_run:
         t0 = time.perf_counter()
-        tokens = SeededImageTokens(ds, model.backbone.tokenizer, cfg.seed)  # a separate run tokenizes again
+        tokens = ImageTokenCache(ds, model.backbone.tokenizer, seed=cfg.seed)  # a separate run tokenizes again
         codes = []
         for k0 in range(0, len(samples), cfg.batch_size):
             ks = list(range(k0, min(k0 + cfg.batch_size, len(samples))))
-            batch = sweep_batch(ds, [samples[k] for k in ks], ks, model.backbone, tokens, cfg.seed)
-            codes += sweep_tokens(model, batch.to(model.device), ratios, cfg.sampling, seed=cfg.seed)
+            batch = prompt_batch(ds, [samples[k] for k in ks], ks, model.backbone, tokens, cfg.seed)
+            codes += generate_tokens(model, batch.to(model.device), ratios, cfg.sampling, seed=cfg.seed)
         t_tok += time.perf_counter() - t0
         t0 = time.perf_counter()
         if len(ratios) > 1:  # the sweep: one decoder call per LMM batch (its samples' images at every α_r)
             for k0 in range(0, len(codes), cfg.batch_size):
                 ks = list(range(k0, min(k0 + cfg.batch_size, len(codes))))
-                decode_sweep(model, codes[k0:k0 + cfg.batch_size], ks, cfg.seed)
+                decode_images(model, codes[k0:k0 + cfg.batch_size], ks, cfg.seed)
         else:  # a separate run: one decoder batch per sample batch (its one image per sample)
             for k0 in range(0, len(codes), cfg.batch_size):
                 model.decode([c[0] for c in codes[k0:k0 + cfg.batch_size]],
@@ -130,7 +134,7 @@ def main() -> None:
         """Model k of ``--sft`` on a backbone of its own (each injects its LoRA into its LMM)."""
         if not args.sft:
             return pretrained_model(run, SFTConfig.for_preset("toy"))
-        return load_sft_model(backbone if k == 0 else load_backbone("toy", run.checkpoint_dir), args.sft[k])
+        return load_pigeon_model(backbone if k == 0 else load_backbone("toy", run.checkpoint_dir), args.sft[k])
 
     labels = [f"SFT ({f})" for f in args.sft] if args.sft else ["pre-trained (no SFT)"]
     models = [load_model(0)] + [None] * (len(labels) - 1)  # the others load on first use, once

@@ -1,4 +1,4 @@
-"""The backbone interface (DESIGN.md §2): the four parts Pigeon's logic talks to, whatever the world.
+"""The backbone interface: the four parts Pigeon's logic talks to, whatever the world.
 
 * :class:`VisualTokenizer` — images -> one LongTensor of code ids per image (variable length), plus the patch
   each kept token comes from (for mask figures) and ``codebook_size``.
@@ -12,8 +12,8 @@
 Pigeon never branches on the world: anything a backbone needs at generation time (the toy's "positions must
 increase" rule) comes from :meth:`Backbone.visual_logits_processor`, which returns ``None`` when there is none.
 
-:func:`load_backbone` builds one from a checkpoint folder (``preset="toy"``: ``checkpoints/toy``). A missing or
-damaged file raises :class:`CheckpointError`, naming the file and saying how to rebuild or fetch it.
+:func:`pigeon_utils.worlds.load_backbone` builds one from a checkpoint folder; this module only defines the parts.
+A missing or damaged file raises :class:`CheckpointError`, naming the file and saying how to rebuild or fetch it.
 """
 from __future__ import annotations
 
@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 import torch
 from torch import Tensor, nn
 
 from pigeon_utils.prompts import IdLayout
-
-PRESETS = ("toy", "lavit")
-
 
 class CheckpointError(FileNotFoundError):
     """A checkpoint folder or one of its files is missing or damaged; the message names the file and the fix."""
@@ -96,13 +95,18 @@ class Detokenizer(nn.Module, abc.ABC):
 
         ``weights`` [B, T] (optional) scale each token's input embedding: Pigeon passes the reference's
         straight-through keep values (1 in the forward pass), so the SFT loss reaches the mask generator
-        through the reference tokens too (spec §2.8)."""
+        through the reference tokens too (docs/algorithm.md §2.8)."""
 
     def embed(self, codes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Convenience: pad a list of code tensors and run :meth:`forward`."""
         ids, mask = pad_codes(codes)
         p = next(self.parameters())
         return self(ids.to(p.device), mask.to(p.device))
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """Float images [B, 3, H, W] in [0, 1] (what a :class:`PixelDecoder` returns) → uint8 [B, H, W, 3] on the CPU."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class PixelDecoder(abc.ABC):
@@ -153,20 +157,3 @@ class Backbone:
         """Code ids per image -> images [B, 3, H, W] in [0, 1] (detokenizer, then pixel decoder)."""
         cond, pooled = self.detokenizer.embed(codes)
         return self.pixel_decoder.decode(cond, pooled, generator=generator, **kw)
-
-
-def load_backbone(preset: str, checkpoint_dir: Path | str, device: str | torch.device = "cpu") -> Backbone:
-    """Load the backbone of `preset` (``"toy"`` | ``"lavit"``) from `checkpoint_dir`.
-
-    Raises :class:`CheckpointError` naming the first missing / damaged file of the folder.
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    if preset == "toy":
-        from pigeon_utils.toy.load import load_toy_backbone
-
-        return load_toy_backbone(checkpoint_dir, device=device)
-    if preset == "lavit":
-        from pigeon_utils.lavit.backbone import load_lavit_backbone
-
-        return load_lavit_backbone(checkpoint_dir, device=device)
-    raise ValueError(f"preset={preset!r}: expected one of {PRESETS}")

@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from pigeon_utils.config import REPO_ROOT, resolve
+from pigeon_utils.config import resolve
+from pigeon_utils.paths import REPO_ROOT
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 _NAME = re.compile(r"^(\d\d)_.+\.ipynb$")

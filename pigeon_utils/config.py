@@ -1,4 +1,4 @@
-"""Run configuration shared by every notebook: presets, default folders, device and seeds (DESIGN.md §4).
+"""Run configuration shared by every notebook: preset, scenario, folders, device, seed.
 
 Every notebook's `parameters` cell sets ``preset``, ``scenario``, ``run_dir``, ``data_dir``,
 ``checkpoint_dir``, ``seed``, ``device`` and ``max_samples``; :func:`resolve` turns them into a
@@ -9,22 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ("toy", "lavit")
-SCENARIOS = ("sticker", "movie")
-DEFAULT_DATA_DIRS = {
-    ("toy", "sticker"): "dataset/toy-sticker",
-    ("toy", "movie"): "dataset/toy-poster",
-    ("lavit", "sticker"): "dataset/SER-30K",
-    ("lavit", "movie"): "dataset/ml-latest-small",
-}
-DEFAULT_CHECKPOINT_DIRS = {"toy": "checkpoints/toy", "lavit": "checkpoints/LaVIT-7B-v2"}
+from pigeon_utils.data import SCENARIOS
+from pigeon_utils.paths import REPO_ROOT
+from pigeon_utils.worlds import world
 
 
 @dataclass(frozen=True)
@@ -56,9 +46,8 @@ def _abs(p: str | os.PathLike) -> Path:
 def resolve(preset: str = "toy", scenario: str = "sticker", run_dir: str | os.PathLike | None = None,
             data_dir: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
             seed: int = 0, device: str = "auto", max_samples: int | None = None) -> RunConfig:
-    """Validate the notebook parameters and fill in the preset's default folders."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}: expected one of {PRESETS}")
+    """Validate the notebook parameters and fill in the preset's default folders (:mod:`pigeon_utils.worlds`)."""
+    w = world(preset)
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario={scenario!r}: expected one of {SCENARIOS}")
     if max_samples is not None and int(max_samples) < 1:
@@ -66,8 +55,8 @@ def resolve(preset: str = "toy", scenario: str = "sticker", run_dir: str | os.Pa
     return RunConfig(
         preset=preset, scenario=scenario,
         run_dir=_abs(run_dir or f"runs/{preset}-{scenario}"),
-        data_dir=_abs(data_dir or DEFAULT_DATA_DIRS[(preset, scenario)]),
-        checkpoint_dir=_abs(checkpoint_dir or DEFAULT_CHECKPOINT_DIRS[preset]),
+        data_dir=_abs(data_dir or w.data_dirs[scenario]),
+        checkpoint_dir=_abs(checkpoint_dir or w.checkpoint_dir),
         seed=int(seed), device=device, max_samples=None if max_samples is None else int(max_samples))
 
 
@@ -80,15 +69,6 @@ def from_dict_strict(cls, d: dict):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
     return cls(**d)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def pick_device(device: str = "auto"):

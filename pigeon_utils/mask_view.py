@@ -1,6 +1,6 @@
 """Looking at masks: tokenize samples, compute their history / reference masks, draw them, inspect them live.
 
-Pigeon's mask generation module (spec §2) decides, token by token, what the personalization model sees of the
+Pigeon's mask generation module (docs/algorithm.md §2) decides, token by token, what the personalization model sees of the
 five history images (ratio α_h, ``hist_mask_ratio``) and of the reference image (ratio α_r,
 ``ref_mask_ratio``). This module turns those decisions into pictures:
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -22,10 +23,10 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from pigeon_utils.masking import MutualMaskGenerator, generate_keep_mask
+from pigeon_utils.keep import MASK_TYPES, generate_keep_mask
+from pigeon_utils.masking import MutualMaskGenerator
 from pigeon_utils.sequence import mask_layout
 
-MASK_TYPES = ("mutual", "random", "none")
 KEPT = (40, 200, 90)
 MASKED = (200, 30, 30)
 
@@ -249,28 +250,17 @@ def nested_fraction(backbone, items: Sequence[TokenizedSample], ratios: Sequence
 
 
 def load_mask_generator(backbone, cfg, folder=None) -> tuple[MutualMaskGenerator, str]:
-    """The mask generator to look at: from a trained model `folder` (``pigeon_model.json`` +
-    ``mask_generator.safetensors``, as notebook 03 writes them) when given, else ``run_dir/sft/best`` when
-    present, else a freshly initialised one of the preset's SFT configuration (seeded by ``cfg.seed``) — which
-    is what the reference code effectively uses, since it never trains it (spec §2.8)."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from pigeon_utils.model import PigeonModelConfig
+    """The mask generator to look at: from a model `folder` (:mod:`pigeon_utils.checkpoints`) when given, else
+    ``run_dir/sft/best`` when present, else a freshly initialised one of the preset's Stage-1 configuration (seeded
+    by ``cfg.seed``) — which is what the reference code effectively uses, since it never trains it
+    (docs/algorithm.md §2.8)."""
+    from pigeon_utils.checkpoints import MODEL_CONFIG_FILE, load_mask_generator as load_trained_generator
     from pigeon_utils.sft import SFTConfig
 
     dim = backbone.lmm.get_input_embeddings().weight.shape[1]
     path = Path(folder) if folder else cfg.run_dir / "sft" / "best"
-    if folder and not (path / "pigeon_model.json").is_file():
-        raise FileNotFoundError(f"{path / 'pigeon_model.json'}: not found; expected a model folder written by "
-                                "notebook 03 (SFT) or 05 (DPO)")
     torch.manual_seed(cfg.seed)
-    if (path / "pigeon_model.json").is_file():
-        mc = PigeonModelConfig.from_dict(json.loads((path / "pigeon_model.json").read_text()))
-        gen = mc.build_mask_generator(dim)
-        gen.load_state_dict(load_file(str(path / "mask_generator.safetensors")), strict=True)
-        return gen.eval(), str(path)
+    if folder or (path / MODEL_CONFIG_FILE).is_file():
+        return load_trained_generator(path, dim), str(path)
     gen = SFTConfig.for_preset(cfg.preset).model.build_mask_generator(dim)
     return gen.eval(), f"initialised from seed {cfg.seed} (untrained)"

@@ -1,4 +1,4 @@
-"""The personalization model of Pigeon (spec §3.1-3.4, §5.2): LMM + LoRA, adapter MLP, mask generator.
+"""The personalization model of Pigeon (docs/algorithm.md §3.1-3.4, §5.2): LMM + LoRA, adapter MLP, mask generator.
 
 :class:`PigeonModel` wraps one :class:`~pigeon_utils.backbone.Backbone`:
 
@@ -8,15 +8,16 @@
   reference → one LMM input embedding ``E`` written at the ``<emb>`` slot (trainable);
 * the mask generator (:class:`~pigeon_utils.masking.MutualMaskGenerator`): keep / mask decisions for the
   history tokens (ratio α_h = ``hist_mask_ratio``) and the reference tokens (ratio α_r = ``ref_mask_ratio``).
-  With ``straight_through=True`` (our default, the fix of spec §2.8) the keep values multiply the history
+  With ``straight_through=True`` (our default, the fix of docs/algorithm.md §2.8) the keep values multiply the history
   embeddings and weight the reference tokens in the detokenizer, so the LMM loss trains the generator; with
   ``straight_through=False`` the reference behaviour is reproduced (hard mask; the generator is frozen);
 * the frozen visual tokenizer / detokenizer of the backbone.
 
-:meth:`PigeonModel.forward` computes the Stage-1 loss on one :class:`PigeonBatch` (spec §3.3-3.4); it returns the
+:meth:`PigeonModel.forward` computes the Stage-1 loss on one :class:`PigeonBatch` (docs/algorithm.md §3.3-3.4); it returns the
 *sum* of the token cross-entropies and the number of supervised tokens, so the training loop can average over the
-whole (possibly multi-process) batch. :meth:`PigeonModel.generate` samples the visual tokens of a batch of
-inference prompts (spec §5.2) and :meth:`PigeonModel.decode` turns them into images.
+whole (possibly multi-process) batch. :meth:`PigeonModel.sweep_embeddings` gives the inputs of generation at
+several α_r at once (:mod:`pigeon_utils.generation` samples the visual tokens) and :meth:`PigeonModel.decode` turns
+visual tokens into images.
 """
 from __future__ import annotations
 
@@ -31,22 +32,23 @@ from torch import Tensor, nn
 
 from pigeon_utils.adapter import PigeonAdapter
 from pigeon_utils.config import from_dict_strict
-from pigeon_utils.masking import (HIST_TYPE, MASK_TYPES, TARGET_TYPE, KeepMask, MutualMaskGenerator, _check_ratio,
-                                  generate_keep_mask, gumbel_topk_keep, keep_probabilities)
+from pigeon_utils.keep import (HIST_TYPE, MASK_TYPES, TARGET_TYPE, KeepMask, check_ratio, generate_keep_mask,
+                               gumbel_topk_keep, keep_probabilities)
+from pigeon_utils.masking import MutualMaskGenerator
 from pigeon_utils.sequence import EMB, IGNORE_INDEX, AssembledBatch, MaskLayout, reference_codes
 
-__all__ = ["PigeonModelConfig", "PigeonBatch", "PigeonOutput", "PigeonModel", "VisualOnlyLogitsProcessor"]
+__all__ = ["PigeonModelConfig", "PigeonBatch", "PigeonOutput", "PigeonModel"]
 
 
 @dataclass
 class PigeonModelConfig:
-    """What is built around the backbone. Defaults are the paper's (spec §2.1, §3.1, run_sft.sh).
+    """What is built around the backbone. Defaults are the paper's (docs/algorithm.md §2.1, §3.1, run_sft.sh).
 
     ``adapter_hidden``: hidden width of the adapter MLP (512 upstream; its input is the detokenizer's
     conditioning width, its output the LMM width). ``mask_*``: mask generator heads / layers / dropout / FFN width
     (PyTorch's default 2048 upstream); ``mask_encoder_dropout``: the dropout inside its transformer layer (PyTorch's
     default 0.1 upstream; 0 makes a run without any dropout possible). ``hist_mask_ratio``: α_h. ``mask_type``: ``"mutual"`` | ``"random"`` |
-    ``"none"`` (spec §2.9). ``straight_through``: see the module docstring.
+    ``"none"`` (docs/algorithm.md §2.9). ``straight_through``: see the module docstring.
     """
 
     lora_r: int = 8
@@ -72,7 +74,7 @@ class PigeonModelConfig:
             raise ValueError(f"lora_r must be a positive integer, got {self.lora_r!r}")
         if not (0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
-        _check_ratio("hist_mask_ratio", self.hist_mask_ratio)
+        check_ratio("hist_mask_ratio", self.hist_mask_ratio)
 
     def build_mask_generator(self, hidden: int) -> MutualMaskGenerator:
         """A freshly initialised mask generator of this configuration for an LMM of width `hidden`."""
@@ -110,7 +112,7 @@ class PigeonBatch:
 @dataclass
 class PigeonOutput:
     """``loss_sum``: Σ of the token cross-entropies over the batch's supervised tokens; ``num_tokens``: their
-    number (the loss of spec §3.4 is ``loss_sum / num_tokens`` over the whole batch); ``keep``: the masks."""
+    number (the loss of docs/algorithm.md §3.4 is ``loss_sum / num_tokens`` over the whole batch); ``keep``: the masks."""
 
     loss_sum: Tensor
     num_tokens: Tensor
@@ -119,24 +121,6 @@ class PigeonOutput:
     @property
     def loss(self) -> Tensor:
         return self.loss_sum / self.num_tokens.clamp_min(1)
-
-
-class VisualOnlyLogitsProcessor:
-    """Generation keeps only visual ids and ``[/IMG]`` (the end of the image) possible.
-
-    Upstream suppresses the text ids 3…31999 only (LP:658-669) and drops the other non-visual ids afterwards
-    (spec §10.18); allowing only what can be decoded is the same image with less waste.
-    """
-
-    def __init__(self, layout, vocab_size: int):
-        allowed = torch.zeros(vocab_size, dtype=torch.bool)
-        allowed[layout.visual_offset: layout.visual_offset + layout.codebook_size] = True
-        allowed[layout.emb_id] = True
-        self.allowed = allowed
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        allowed = self.allowed.to(scores.device)[: scores.shape[-1]]
-        return scores.masked_fill(~allowed, float("-inf"))
 
 
 def _freeze(module: nn.Module) -> None:
@@ -184,7 +168,7 @@ class PigeonModel(nn.Module):
         self.mask_generator: Optional[MutualMaskGenerator] = None
         if config.mask_type == "mutual":
             self.mask_generator = config.build_mask_generator(hidden)
-            if not config.straight_through:  # the reference: no gradient ever reaches it (spec §2.8)
+            if not config.straight_through:  # the reference: no gradient ever reaches it (docs/algorithm.md §2.8)
                 _freeze(self.mask_generator)
         device = self.lmm.get_input_embeddings().weight.device
         self.adapter.to(device)
@@ -202,7 +186,7 @@ class PigeonModel(nn.Module):
         return self.lmm.get_input_embeddings().weight.device
 
     def parameter_summary(self) -> dict[str, dict[str, int]]:
-        """Trainable / total parameters per component (the table of spec §3.1)."""
+        """Trainable / total parameters per component (the table of docs/algorithm.md §3.1)."""
         parts = {"lmm (LoRA)": self.lmm, "adapter": self.adapter, "detokenizer": self.detokenizer}
         if self.mask_generator is not None:
             parts["mask_generator"] = self.mask_generator
@@ -215,9 +199,9 @@ class PigeonModel(nn.Module):
 
     def keep_mask(self, masks: MaskLayout, ref_mask_ratio: float, *, inference: bool,
                   noise: Optional[Tensor] = None, hist_mask_ratio: Optional[float] = None) -> KeepMask:
-        """Keep decisions for history (α_h) and reference (α_r) tokens (spec §2.3-2.5).
+        """Keep decisions for history (α_h) and reference (α_r) tokens (docs/algorithm.md §2.3-2.5).
 
-        The generator reads ``e_i`` = the LMM input embeddings of the layout's ids (fp32, spec §10.19)."""
+        The generator reads ``e_i`` = the LMM input embeddings of the layout's ids (fp32, docs/algorithm.md §8.19)."""
         cfg = self.config
         alpha_h = cfg.hist_mask_ratio if hist_mask_ratio is None else hist_mask_ratio
         e = None
@@ -231,7 +215,7 @@ class PigeonModel(nn.Module):
                                   target_exponential=noise)
 
     def reference_embedding(self, masks: MaskLayout, keep: Tensor) -> Tensor:
-        """``E = Adapter(mean_T Detokenizer(kept reference codes))`` [B, hidden] (spec §3.2).
+        """``E = Adapter(mean_T Detokenizer(kept reference codes))`` [B, hidden] (docs/algorithm.md §3.2).
 
         With straight-through masks the keep values (1 in the forward pass) weight the reference tokens'
         embeddings in the frozen detokenizer, so the generator's reference scores get a gradient; otherwise the
@@ -267,12 +251,12 @@ class PigeonModel(nn.Module):
         """
         if len(ref_mask_ratios) == 0:
             raise ValueError("sweep_keep needs at least one reference mask ratio α_r")
-        ratios = [_check_ratio("ref_mask_ratio", r) for r in ref_mask_ratios]
+        ratios = [check_ratio("ref_mask_ratio", r) for r in ref_mask_ratios]
         cfg = self.config
         if cfg.mask_type != "mutual":
             return torch.stack([self.keep_mask(masks, r, inference=True, noise=noise,
                                                hist_mask_ratio=hist_mask_ratio).keep for r in ratios])
-        alpha_h = _check_ratio("hist_mask_ratio", cfg.hist_mask_ratio if hist_mask_ratio is None else hist_mask_ratio)
+        alpha_h = check_ratio("hist_mask_ratio", cfg.hist_mask_ratio if hist_mask_ratio is None else hist_mask_ratio)
         e = self.token_embeddings(masks.ids).float()
         scores = self.mask_generator.score(e, masks.padding_mask, masks.position_ids, masks.type_ids)
         hist_q, target_q = keep_probabilities(scores.cos_sim, masks.type_ids, inference=True)
@@ -285,7 +269,7 @@ class PigeonModel(nn.Module):
     @torch.no_grad()
     def sweep_embeddings(self, batch: PigeonBatch, ref_mask_ratios: Sequence[float], *,
                          hist_mask_ratio: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Inference inputs for several reference mask ratios α_r at once (the α_r sweep of spec §5.3).
+        """Inference inputs for several reference mask ratios α_r at once (the α_r sweep of docs/algorithm.md §5.3).
 
         Everything but the ``<emb>`` slot is the same for every α_r (:meth:`sweep_keep`). Returns ``(x, E, keep)``:
         ``x`` [B, T, D] the token embeddings with masked history tokens zeroed (the ``<emb>`` slot still holds its
@@ -307,7 +291,7 @@ class PigeonModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------- training
     def forward(self, batch: PigeonBatch, ref_mask_ratio: float) -> PigeonOutput:
-        """Stage-1 masked preference reconstruction (spec §3.3-3.4) for one batch at α_r = ``ref_mask_ratio``.
+        """Stage-1 masked preference reconstruction (docs/algorithm.md §3.3-3.4) for one batch at α_r = ``ref_mask_ratio``.
 
         Cross-entropy over the full vocabulary on the target's visual tokens and ``[/IMG]`` only; the LM head runs
         on the supervised positions only (the rest of the sequence needs no logits).
@@ -323,45 +307,10 @@ class PigeonModel(nn.Module):
         loss_sum = F.cross_entropy(logits, labels[sel], reduction="sum")
         return PigeonOutput(loss_sum=loss_sum, num_tokens=sel.sum(), keep=keep)
 
-    # ----------------------------------------------------------------------------------------- generation
-    @torch.no_grad()
-    def generate(self, batch: PigeonBatch, ref_mask_ratio: float, *, max_new_tokens: int = 300,
-                 min_new_tokens: int = 20, do_sample: bool = True, top_k: int = 50, temperature: float = 1.0,
-                 num_beams: int = 1, hist_mask_ratio: Optional[float] = None) -> list[Tensor]:
-        """Sample the visual tokens of a batch of inference prompts (spec §5.2), until ``[/IMG]``.
-
-        ``batch`` must be assembled without target (its rows end in ``[IMG]``). Returns per sample the generated
-        *codes* (visual id − offset; at most ``max_new_tokens``). Sampling uses torch's RNG: seed it for
-        reproducible output. Upstream uses beam-sample with 4 beams (``num_beams=4``) and LLM guidance 1.0.
-        """
-        from transformers import LogitsProcessorList
-
-        if bool((batch.seq.labels != IGNORE_INDEX).any()):
-            raise ValueError("generate needs inference prompts (assembled with target=None): this batch has labels")
-        x, _ = self.input_embeddings(batch, ref_mask_ratio, inference=True, hist_mask_ratio=hist_mask_ratio)
-        procs = [VisualOnlyLogitsProcessor(self.layout, self.lmm.get_output_embeddings().weight.shape[0])]
-        extra = self.backbone.visual_logits_processor()
-        if extra is not None:
-            procs.append(extra)
-        # input_ids ride along so that logits processors see the prompt (its last id is [IMG]); the embeddings
-        # (zeroed history tokens, E) are what the model reads
-        prompt = batch.seq.input_ids
-        out = self.lmm.generate(input_ids=prompt, inputs_embeds=x, attention_mask=batch.seq.attention_mask,
-                                max_new_tokens=int(max_new_tokens), min_new_tokens=int(min_new_tokens),
-                                do_sample=do_sample, top_k=top_k if do_sample else None,
-                                temperature=temperature if do_sample else None, num_beams=num_beams,
-                                eos_token_id=self.layout.emb_id, pad_token_id=self.layout.pad_id,
-                                bos_token_id=self.layout.img_id, logits_processor=LogitsProcessorList(procs))
-        if out.shape[1] >= prompt.shape[1] and torch.equal(out[:, : prompt.shape[1]], prompt):
-            out = out[:, prompt.shape[1]:]  # generate returned prompt + new tokens
-        # cut at the first [/IMG]
-        ended = (out == self.layout.emb_id).long().cumsum(1) > 0
-        visual = self.layout.is_visual(out) & ~ended
-        return [(row[v] - self.layout.visual_offset).cpu() for row, v in zip(out, visual)]
-
+    # ----------------------------------------------------------------------------------------- images
     @torch.no_grad()
     def decode(self, codes: Sequence[Tensor], generator: Optional[torch.Generator] = None, **kw) -> Tensor:
-        """Codes per image → images float [B, 3, H, W] in [0, 1] (detokenizer + pixel decoder, spec §5.4)."""
+        """Codes per image → images float [B, 3, H, W] in [0, 1] (detokenizer + pixel decoder, docs/algorithm.md §5.4)."""
         return self.backbone.decode_codes([c.to(self.device) for c in codes], generator=generator, **kw)
 
     # ----------------------------------------------------------------------------------------- files
@@ -376,7 +325,7 @@ class PigeonModel(nn.Module):
 
     def save_pretrained(self, folder: Path | str) -> Path:
         """``lora/`` (peft ``save_pretrained``), ``adapter.safetensors``, ``mask_generator.safetensors`` and
-        ``pigeon_model.json`` (the :class:`PigeonModelConfig`) into `folder` (spec §3.6, in safetensors)."""
+        ``pigeon_model.json`` (the :class:`PigeonModelConfig`) into `folder` (docs/algorithm.md §3.6, in safetensors)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)

@@ -1,4 +1,4 @@
-"""Scores of generated images and the choice of α_r (spec §6.1–6.2), in both worlds.
+"""Scores of generated images and the choice of α_r (docs/algorithm.md §6.1–6.2), in both worlds.
 
 Per generated image g of a sample with history images h_1…h_5 and target (= reference) t, with f(·) the
 L2-normalised CLIP embedding of the world (toy: the toy ``open_clip`` model; lavit: ``open_clip`` ViT-H-14
@@ -9,7 +9,7 @@ L2-normalised CLIP embedding of the world (toy: the toy ``open_clip`` model; lav
   (a CLIP *text* score against the target's description; not clamped at 0).
 
 As upstream, the generated image is first resized to 512×512 (bilinear) and the history images are used as they are
-(``cal_scores.py``; spec §10.26). The toy CLIP reads 64×64 images, the toy images' own size, so nothing is resized.
+(``cal_scores.py``; docs/algorithm.md §8.26). The toy CLIP reads 64×64 images, the toy images' own size, so nothing is resized.
 
 α_r selection, two protocols, both reported:
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -30,13 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SELECT_WEIGHT", "GENERATED_SIZE", "history_cis", "reference_cs", "combined_score", "mean_se",
-           "ClipScorer", "load_clip", "SweepScores", "score_sweep", "Selection", "select_per_sample", "select_on_validation"]
+__all__ = ["SELECT_WEIGHT", "history_cis", "reference_cs", "combined_score", "mean_se",
+           "ClipScorer", "load_clip", "SweepScores", "score_sweep", "Selection", "select_per_sample", "select_on_validation",
+           "select_protocols"]
 
 #: weight of the reference CS in the selection score (``select_ratio = 0.5`` upstream)
 SELECT_WEIGHT = 0.5
-#: side the generated images are resized to before CLIP, per world (None: as they are)
-GENERATED_SIZE = {"lavit": 512, "toy": None}
 
 
 # ------------------------------------------------------------------------------------------------- formulas
@@ -100,7 +98,7 @@ class ClipScorer:
         return self._feats(images)
 
     def generated_features(self, images: Sequence) -> Tensor:
-        """Unit CLIP features of generated images, resized to ``generated_size`` first (spec §6.1)."""
+        """Unit CLIP features of generated images, resized to ``generated_size`` first (docs/algorithm.md §6.1)."""
         if self.generated_size is not None:
             from PIL import Image
 
@@ -117,21 +115,13 @@ class ClipScorer:
 
 def load_clip(preset: str, checkpoint_dir: Path | str | None = None, *, text_tokenizer=None,
               clip_path: Path | str | None = None, device="cpu") -> ClipScorer:
-    """The world's CLIP: ``toy`` → ``<checkpoint_dir>/clip`` (the toy ``open_clip`` model); ``lavit`` → open_clip
-    ViT-H-14 from the local file `clip_path` (default ``$PIGEON_EVAL_DIR/open_clip/…``; a missing file raises
-    :class:`~pigeon_utils.lavit.extractors.ExtractorWeightsError` naming the path and the download)."""
-    if preset == "toy":
-        from pigeon_utils.toy.load import load_toy_clip
+    """The world's CLIP (:data:`pigeon_utils.worlds.WORLDS`): ``toy`` → ``<checkpoint_dir>/clip`` (the toy
+    ``open_clip`` model); ``lavit`` → open_clip ViT-H-14 from the local file `clip_path` (default
+    ``$PIGEON_EVAL_DIR/open_clip/…``; a missing file raises an error naming the path and the download)."""
+    from pigeon_utils.worlds import world
 
-        if checkpoint_dir is None:
-            raise ValueError("preset='toy' needs checkpoint_dir (the toy CLIP lives in <checkpoint_dir>/clip)")
-        return ClipScorer(load_toy_clip(Path(checkpoint_dir), text_tokenizer), GENERATED_SIZE["toy"], "toy CLIP")
-    if preset == "lavit":
-        from pigeon_utils.lavit.extractors import load_open_clip
-
-        return ClipScorer(load_open_clip(clip_path, device=device), GENERATED_SIZE["lavit"],
-                          "open_clip ViT-H-14 laion2b_s32b_b79k")
-    raise ValueError(f"preset={preset!r}: expected 'toy' or 'lavit'")
+    w = world(preset)
+    return ClipScorer(w.clip_loader(checkpoint_dir, text_tokenizer, clip_path, device), w.generated_size, w.clip_name)
 
 
 # ------------------------------------------------------------------------------------------------- sweep
@@ -180,32 +170,22 @@ class SweepScores:
         return cls(d["split"], list(d["ratios"]), list(d["indices"]), np.asarray(d["cis"]), np.asarray(d["cs"]))
 
     def save(self, path: Path | str) -> Path:
-        from pigeon_utils.sft import _atomic_json
+        import json
 
-        _atomic_json(self.to_dict(), Path(path))
-        return Path(path)
+        from pigeon_utils.atomic import atomic_write_text
 
-
-def _finished(index: dict, folder: Path | str) -> tuple[list[int], list[str], list[dict]]:
-    """A sweep index's finished samples (split indices, sorted), its ratio keys and the samples' entries; raises
-    when no sample is finished."""
-    from pigeon_utils.inference import index_table
-
-    indices, keys = index_table(index)
-    if not indices:
-        raise ValueError(f"{folder}: the sweep index has no finished samples to score")
-    return indices, keys, [index["samples"][str(k)] for k in indices]
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
 
 def score_sweep(index: dict, folder: Path | str, ds, clip: ClipScorer, progress: bool = False) -> SweepScores:
-    """History CIS and reference CS of every image of a sweep (:func:`pigeon_utils.inference.run_sweep`'s index and
+    """History CIS and reference CS of every image of a sweep (:func:`pigeon_utils.sweep.run_sweep`'s index and
     folder). History features are computed once per image id; the text is the target's ``ds.semantics``."""
     from tqdm.auto import tqdm
 
-    from pigeon_utils.inference import load_image
+    from pigeon_utils.sweep import finished_entries, load_image
 
     folder = Path(folder)
-    indices, keys, entries = _finished(index, folder)
+    indices, keys, entries = finished_entries(index, folder)
     hist_iids = sorted({i for e in entries for i in e["history"]})
     hfeat = clip.image_features([ds.load_image(i) for i in hist_iids])
     row = {iid: j for j, iid in enumerate(hist_iids)}
@@ -218,23 +198,6 @@ def score_sweep(index: dict, folder: Path | str, ds, clip: ClipScorer, progress:
         cis[:, j] = history_cis(g, h).numpy()
         cs[:, j] = reference_cs(g, t).numpy()
     return SweepScores(index["split"], [float(r) for r in index["config"]["ref_mask_ratios"]], indices, cis, cs)
-
-
-def sweep_factor_scores(index: dict, folder: Path | str, ds, clip) -> list[dict]:
-    """Toy only: per α_r, the factor accuracies of a sweep's images (:func:`pigeon_utils.sft.factor_scores`:
-    ``style`` = a most frequent value among the history's, ``semantic`` = glyph equal to the reference's, and each
-    style factor vs the reference), read back by ``clip.predict_factors`` (the toy CLIP's zero-shot classifier).
-    They say *why* the CLIP scores move with α_r. Returns one dict per ratio, with ``ref_mask_ratio``."""
-    from pigeon_utils.inference import load_image
-    from pigeon_utils.sft import factor_scores
-
-    _, keys, entries = _finished(index, folder)
-    samples = [SimpleNamespace(history=e["history"], target=e["target"]) for e in entries]
-    out = []
-    for r, key in zip(index["config"]["ref_mask_ratios"], keys):
-        pred = clip.predict_factors(np.stack([load_image(folder, e["images"][key]["path"]) for e in entries]))
-        out.append({"ref_mask_ratio": float(r), **factor_scores(pred, ds, samples)})
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- selection
@@ -264,7 +227,7 @@ def _pick(scores: SweepScores, j: np.ndarray, protocol: str, details: dict) -> S
 
 
 def select_per_sample(test: SweepScores, weight: float = SELECT_WEIGHT) -> Selection:
-    """The paper's protocol (spec §6.2): per sample, the α_r maximising ``weight·CS + (1 − weight)·CIS`` on the
+    """The paper's protocol (docs/algorithm.md §6.2): per sample, the α_r maximising ``weight·CS + (1 − weight)·CIS`` on the
     test images themselves (ties: the first, i.e. smallest, α_r). An oracle: it looks at the test outputs."""
     j = np.argmax(combined_score(test.cs, test.cis, weight), axis=1)
     return _pick(test, j, "paper (per-sample argmax on the test images)", {"weight": weight})
@@ -280,3 +243,13 @@ def select_on_validation(valid: SweepScores, test: SweepScores, weight: float = 
     return _pick(test, np.full(len(test.indices), j), "honest (one α_r chosen on validation)",
                  {"weight": weight, "chosen_ratio": float(valid.ratios[j]), "validation_samples": len(valid.indices),
                   "validation_score_per_ratio": [round(float(v), 4) for v in mean]})
+
+
+def select_protocols(scores: dict[str, SweepScores], split: str, select_split: str,
+                     weight: float = SELECT_WEIGHT) -> dict[str, Selection]:
+    """Both protocols on the sweeps' scores (``{split: SweepScores}``): ``paper`` on `split` itself and, when
+    `select_split` is another scored split, ``honest`` (α_r chosen on `select_split`, applied to `split`)."""
+    out = {"paper": select_per_sample(scores[split], weight)}
+    if select_split in scores and select_split != split:
+        out["honest"] = select_on_validation(scores[select_split], scores[split], weight)
+    return out

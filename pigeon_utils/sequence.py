@@ -1,4 +1,4 @@
-"""Assembly of Pigeon's LMM input sequences (spec §1.5, §2.2) — vectorised over the batch.
+"""Assembly of Pigeon's LMM input sequences (docs/algorithm.md §1.5, §2.2) — vectorised over the batch.
 
 One sample of Stage-1 training becomes (left-padded to the batch's longest row)::
 
@@ -13,7 +13,7 @@ One sample of Stage-1 training becomes (left-padded to the batch's longest row):
   generator's keep vector into a per-position factor.
 * ``E`` — the ``<emb>`` slot: its input embedding is replaced by the adapter output computed from the masked
   reference (reference mask ratio α_r). It is located by token *type*, never by id, because ``<emb>`` and ``[/IMG]``
-  share one id (spec §10.4).
+  share one id (docs/algorithm.md §8.4).
 * ``[IMG] y1 … yn [/IMG]`` — the target image (teacher forcing). Labels are ``y1 … yn [/IMG]`` (unshifted, HF
   convention: the model predicts ``labels[t]`` from positions ``< t``); every other position is −100.
   At inference (no target) the response slot is a single ``[IMG]`` and generation starts there.
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from pigeon_utils.masking import TARGET_TYPE, layout_from_counts
+from pigeon_utils.keep import TARGET_TYPE, layout_from_counts
 from pigeon_utils.prompts import N_HISTORY, IdLayout
 
 __all__ = ["PAD", "TEXT", "HIST", "EMB", "IMG_START", "TARGET", "IMG_END", "TOKEN_TYPE_NAMES", "IGNORE_INDEX",
@@ -93,7 +93,7 @@ class AssembledBatch:
 
 @dataclass
 class MaskLayout:
-    """The mask generator's input layout (spec §2.2), all ``[B, L]``, right-padded.
+    """The mask generator's input layout (docs/algorithm.md §2.2), all ``[B, L]``, right-padded.
 
     ``ids``: LMM ids of H1…H5 then ``[IMG] reference [/IMG]`` (pad id at padding); ``position_ids`` 1..n per image
     (0 at padding); ``type_ids`` 1 history / 2 reference / 0 pad; ``padding_mask`` True at padding;
@@ -147,7 +147,7 @@ def _image_table(history: Sequence[Sequence[Tensor]], response: Sequence[Tensor]
 
 def assemble(prompt_ids: Sequence[Sequence[int] | Tensor], history: Sequence[Sequence[Tensor]],
              target: Sequence[Tensor] | None, layout: IdLayout) -> AssembledBatch:
-    """Splice prompts, history images and (training) the target into left-padded LMM sequences (spec §1.5).
+    """Splice prompts, history images and (training) the target into left-padded LMM sequences (docs/algorithm.md §1.5).
 
     ``prompt_ids``: per sample the encoded prompt with six ``<img>`` ids (``layout.img_id``; the last one is the
     response slot) and one ``<emb>`` id (``layout.emb_id``). ``history``: per sample five LongTensors of history
@@ -237,10 +237,10 @@ def assemble(prompt_ids: Sequence[Sequence[int] | Tensor], history: Sequence[Seq
 
 
 def mask_layout(history: Sequence[Sequence[Tensor]], reference: Sequence[Tensor], layout: IdLayout) -> MaskLayout:
-    """The mask generator's input (spec §2.2): H1…H5 then ``[IMG] reference [/IMG]`` per sample, right-padded.
+    """The mask generator's input (docs/algorithm.md §2.2): H1…H5 then ``[IMG] reference [/IMG]`` per sample, right-padded.
 
     ``history``: per sample five LongTensors of LMM visual ids; ``reference``: per sample the reference image's
-    LMM visual ids (in Pigeon the reference is the sample's target image, spec §1.6).
+    LMM visual ids (in Pigeon the reference is the sample's target image, docs/algorithm.md §1.6).
     """
     b = len(reference)
     if b == 0:
@@ -258,12 +258,12 @@ def mask_layout(history: Sequence[Sequence[Tensor]], reference: Sequence[Tensor]
 
 
 def reference_codes(mlayout: MaskLayout, keep: Tensor, layout: IdLayout) -> tuple[Tensor, Tensor, Tensor]:
-    """The kept reference codes for the detokenizer (spec §2.6, §3.2), compacted to the left.
+    """The kept reference codes for the detokenizer (docs/algorithm.md §2.6, §3.2), compacted to the left.
 
     Drops masked tokens and the two delimiters, keeps raster order, and returns ``(codes [B, K], mask [B, K] bool,
     weights [B, K])`` with K ≥ 1 the most kept in a row, ``codes`` = id − ``visual_offset`` (0 at padding) and
     ``weights`` the keep values (1 in forward, carrying the straight-through gradient). A row with no kept code
-    (α_r = 1 may keep only a delimiter, spec §10.7) has an all-False mask.
+    (α_r = 1 may keep only a delimiter, docs/algorithm.md §8.7) has an all-False mask.
     """
     is_code = mlayout.reference_code_mask
     kept = is_code & (keep.detach() != 0)

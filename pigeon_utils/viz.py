@@ -83,3 +83,179 @@ def image_rows(images: Sequence, titles: Sequence[str] | None = None, width: flo
             ax.set_title(titles[k], fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------------------------- notebook 03
+def save(fig, path: Path | str):
+    """:func:`save_figure`, returning `fig` (so a notebook cell shows it too)."""
+    save_figure(fig, path)
+    return fig
+
+
+def parameter_table(summary: dict[str, dict[str, int]]) -> str:
+    """Trainable / total parameters per component (:meth:`PigeonModel.parameter_summary`)."""
+    return "\n".join(f"{part:16s} trainable {n['trainable']:>10,d} / {n['total']:>11,d}" for part, n in summary.items())
+
+
+def sequence_layout_figure(seq):
+    """The token type of every position of an assembled batch (one row per sample)."""
+    from pigeon_utils.sequence import TOKEN_TYPE_NAMES
+
+    fig, ax = plt.subplots(figsize=(12, 0.5 + 0.45 * seq.token_type.shape[0]))
+    cmap = plt.get_cmap("tab10", len(TOKEN_TYPE_NAMES))
+    ax.imshow(seq.token_type.numpy(), aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(TOKEN_TYPE_NAMES) - 0.5,
+              interpolation="nearest")
+    ax.set_yticks(range(seq.token_type.shape[0]))
+    ax.set_xlabel("position")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(len(TOKEN_TYPE_NAMES))]
+    ax.legend(handles, TOKEN_TYPE_NAMES, ncol=len(TOKEN_TYPE_NAMES), loc="upper center", bbox_to_anchor=(0.5, -0.6),
+              fontsize=8)
+    return fig
+
+
+def loss_curve_figure(log: dict, title: str = "Stage-1 loss on the target's visual tokens and [/IMG]"):
+    """Training loss per batch (and its running mean) and validation loss per evaluation, from a training log."""
+    train, valid = log["train"], log["valid"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    steps = [e["step"] for e in train]
+    losses = np.array([e["loss"] for e in train])
+    ax.plot(steps, losses, color="#bbbbbb", lw=0.8, label="train (per batch)")
+    if len(losses) >= 10:
+        k = max(1, len(losses) // 20)
+        ax.plot(steps[k - 1:], np.convolve(losses, np.ones(k) / k, mode="valid"), color="#4c72b0",
+                label=f"train ({k}-step mean)")
+    ax.plot([e["step"] for e in valid], [e["loss"] for e in valid], "o-", color="#dd8452", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def snapshot_grid(snapshots: dict[int, Sequence], suptitle: str, rows: int = 5):
+    """Images generated at several training steps (``{step: images}``), at most `rows` steps evenly spread."""
+    steps = sorted(snapshots)
+    if len(steps) > rows:
+        steps = [steps[int(round(i))] for i in np.linspace(0, len(steps) - 1, rows)]
+    n = len(snapshots[steps[0]])
+    imgs = [snapshots[s][k] for s in steps for k in range(n)]
+    titles = [f"step {s}" if k == 0 else "" for s in steps for k in range(n)]
+    return image_grid(imgs, titles, ncols=n, size=1.6, suptitle=suptitle)
+
+
+def history_reference_grid(ds, samples, generated: dict[str, Sequence], suptitle: str):
+    """Per sample: its five history images, the reference (= the target), then one generated image per model."""
+    imgs, titles = [], []
+    for k, s in enumerate(samples):
+        imgs += [ds.load_image(i) for i in s.history] + [ds.load_image(s.target)]
+        imgs += [images[k] for images in generated.values()]
+        titles += [f"history {j + 1}" for j in range(5)] + ["reference"] + list(generated)
+    return image_grid(imgs, titles, ncols=6 + len(generated), size=1.4, suptitle=suptitle)
+
+
+def factor_comparison_table(scores: dict[str, dict]) -> str:
+    """Style accuracy vs the history and semantic accuracy vs the reference per model (toy)."""
+    lines = [f"{'':12s}{'style vs history':>18s}{'semantic vs reference':>23s}"]
+    lines += [f"{name:12s}{s['style']:>18.1%}{s['semantic']:>23.1%}" for name, s in scores.items()]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- notebook 06
+def keep_count_table(ratios: Sequence[float], counts: dict) -> str:
+    """Reference tokens kept per α_r for a few samples (``counts``: :func:`pigeon_utils.sweep.keep_counts`)."""
+    lines = ["reference tokens kept per α_r (history tokens kept, identical across α_r):"]
+    for k, c in counts.items():
+        lines.append(f"  sample {k}: {c['reference']} tokens -> "
+                     + ", ".join(f"{r:.1f}: {n}" for r, n in zip(ratios, c["kept"]))
+                     + f"   (history {c['history_kept']}/{c['history']})")
+    return "\n".join(lines)
+
+
+def sweep_rows(ds, folder: Path | str, index: dict, k: int, ratios: Sequence[float] | None = None) -> list:
+    """Sample k of a sweep: its five history images, the reference, then its images at `ratios` (default all)."""
+    from pigeon_utils.sweep import load_image, ratio_key
+
+    e = index["samples"][str(k)]
+    keys = [ratio_key(r) for r in (ratios if ratios is not None else index["config"]["ref_mask_ratios"])]
+    return ([ds.load_image(i) for i in e["history"]] + [ds.load_image(e["target"])]
+            + [load_image(folder, e["images"][key]["path"]) for key in keys])
+
+
+def sweep_gallery(ds, folder: Path | str, index: dict, ks: Sequence[int], suptitle: str):
+    """One row per sample: history | reference | the generated image at each α_r, from α_r = 0 to 1."""
+    ratios = index["config"]["ref_mask_ratios"]
+    imgs, titles = [], []
+    for k in ks:
+        imgs += sweep_rows(ds, folder, index, k)
+        titles += [f"history {j + 1}" for j in range(5)] + ["reference"] + [f"α_r={r:.1f}" for r in ratios]
+    return image_grid(imgs, titles, ncols=6 + len(ratios), size=1.15, suptitle=suptitle)
+
+
+def selected_gallery(ds, folder: Path | str, index: dict, ks: Sequence[int], selections: dict, positions: dict,
+                     suptitle: str):
+    """One row per sample: history | reference | the image at the α_r each protocol chose (``selections``:
+    protocol → :class:`~pigeon_utils.scoring.Selection`; ``positions``: split index → row of the scores)."""
+    imgs, titles = [], []
+    for k in ks:
+        imgs += sweep_rows(ds, folder, index, k, ratios=[])
+        titles += [f"history {j + 1}" for j in range(5)] + ["reference"]
+        for name, sel in selections.items():
+            r = float(sel.ratios[positions[k]])
+            imgs.append(sweep_rows(ds, folder, index, k, ratios=[r])[-1])
+            titles.append(f"{name}: α_r={r:.1f}")
+    return image_grid(imgs, titles, ncols=6 + len(selections), size=1.5, suptitle=suptitle)
+
+
+def per_ratio_table(scores, title: str) -> str:
+    """Mean history CIS, reference CS and selection score per α_r, then the per-sample slopes (mean ± SE) — the
+    trade-off table of a :class:`~pigeon_utils.scoring.SweepScores`."""
+    lines = [title, f"{'α_r':>5s}{'history CIS':>13s}{'reference CS':>14s}{'0.5·CS+0.5·CIS':>16s}"]
+    lines += [f"{p['ref_mask_ratio']:>5.1f}{p['history_cis']:>13.2f}{p['reference_cs']:>14.2f}{p['score']:>16.2f}"
+              for p in scores.per_ratio()]
+    if len(scores.ratios) > 1:
+        sl = scores.slopes()
+        lines.append("slope per unit α_r (mean ± standard error over samples): history CIS "
+                     f"{sl['history_cis']['mean']:+.2f} ± {sl['history_cis']['se']:.2f}, reference CS "
+                     f"{sl['reference_cs']['mean']:+.2f} ± {sl['reference_cs']['se']:.2f}")
+    return "\n".join(lines)
+
+
+def factor_table(rows: Sequence[dict]) -> str:
+    """Toy: per α_r, glyph / colour = the reference's and style = the history's (:func:`sweep_factor_scores`)."""
+    lines = [f"{'α_r':>5s}{'glyph = ref':>13s}{'colour = ref':>14s}{'style = history':>17s}"]
+    lines += [f"{f['ref_mask_ratio']:>5.1f}{f['semantic']:>13.1%}{f['colour_vs_reference']:>14.1%}{f['style']:>17.1%}"
+              for f in rows]
+    return "\n".join(lines)
+
+
+def tradeoff_figure(scores, suptitle: str):
+    """Mean history CIS and reference CS over α_r, and CIS against CS with one point per α_r."""
+    per = scores.per_ratio()
+    ratios = [p["ref_mask_ratio"] for p in per]
+    cis = [p["history_cis"] for p in per]
+    cs = [p["reference_cs"] for p in per]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(ratios, cis, "o-", color="#c44e52")
+    ax1.set_xlabel("α_r (reference mask ratio)")
+    ax1.set_ylabel("history CIS", color="#c44e52")
+    ax1b = ax1.twinx()
+    ax1b.plot(ratios, cs, "s-", color="#4c72b0")
+    ax1b.set_ylabel("reference CS", color="#4c72b0")
+    ax1.set_title("mean scores over α_r", fontsize=10)
+    ax2.plot(cs, cis, "-", color="#999999", lw=1)
+    sc = ax2.scatter(cs, cis, c=ratios, cmap="viridis", zorder=3)
+    for r, x, y in zip(ratios, cs, cis):
+        ax2.annotate(f"{r:.1f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax2.set_xlabel("reference CS (keeps the target's meaning)")
+    ax2.set_ylabel("history CIS (user's taste)")
+    ax2.set_title("the trade-off, one point per α_r", fontsize=10)
+    fig.colorbar(sc, ax=ax2, label="α_r")
+    fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def selection_text(summaries: dict[str, dict]) -> str:
+    """One line per α_r-selection protocol (:meth:`~pigeon_utils.scoring.Selection.summary`)."""
+    return "\n".join(f"{name:7s} {s['protocol']}: CIS {s['history_cis']:.2f}, CS {s['reference_cs']:.2f}, "
+                     f"0.5·CS+0.5·CIS {s['score']:.2f}; α_r used: {s['ratio_counts']}" for name, s in summaries.items())

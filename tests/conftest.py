@@ -21,7 +21,7 @@ NOTEBOOK_SMOKE = {
     "01": {"max_samples": 3},
     "02": {"max_samples": 2, "ref_mask_ratios": [0.0, 0.5, 1.0], "show_ratios": [0.0, 1.0]},
     "03": {"max_steps": 2, "max_samples": 8, "batch_size": 4, "eval_every": 1, "n_eval_samples": 4, "n_show": 2,
-           "max_new_tokens": 12},
+           "max_new_tokens": 12, "min_new_tokens": 1},
     "06": {"max_samples": 2, "ref_mask_ratios": [0.0, 0.5, 1.0], "batch_size": 2, "max_new_tokens": 8,
            "min_new_tokens": 1, "num_inference_steps": 2, "n_show": 2},
 }

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from pigeon_utils import config, data, mask_view
-from pigeon_utils.backbone import load_backbone
-from pigeon_utils.masking import keep_count
+from pigeon_utils.worlds import load_backbone
+from pigeon_utils.keep import keep_count
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Scores (spec §6.1) on hand-made embeddings, and α_r selection under the paper's and the honest protocol (§6.2)."""
+"""Scores (docs/algorithm.md §6.1) on hand-made embeddings, and α_r selection under the paper's and the honest protocol (§6.2)."""
 from __future__ import annotations
 
 import json
@@ -111,7 +111,7 @@ def test_score_sweep_on_files(tmp_path):
 def test_sweep_factor_scores_per_ratio(tmp_path):
     from PIL import Image
 
-    from pigeon_utils.scoring import sweep_factor_scores
+    from pigeon_utils.toy.scoring import sweep_factor_scores
 
     f = lambda g, c: {"glyph": g, "colour": c, "pattern": "plain", "stroke": "filled"}
     ds = SimpleNamespace(factors=[f("star", "red"), f("star", "red"), f("moon", "blue")], root=tmp_path)

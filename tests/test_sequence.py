@@ -1,4 +1,4 @@
-"""Sequence assembly against a hand-written layout (spec §1.5, §2.2): two samples of different lengths and token
+"""Sequence assembly against a hand-written layout (docs/algorithm.md §1.5, §2.2): two samples of different lengths and token
 counts, left padding, zero-embedding positions, the <emb> slot and the labels."""
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ temporary folder): tiny sizes, the same code path as the committed toy backbone.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -32,7 +33,7 @@ def build_smoke(out: Path) -> Path:
 
 
 def load_smoke(folder: Path):
-    from pigeon_utils.backbone import load_backbone
+    from pigeon_utils.worlds import load_backbone
 
     return load_backbone("toy", folder, device="cpu")
 
@@ -69,14 +70,14 @@ def backbone_factory(smoke_dir):
 def test_loss_is_token_mean_on_target_and_end(backbone_factory):
     from pigeon_utils.data import open_dataset
     from pigeon_utils.model import PigeonModel, PigeonModelConfig
-    from pigeon_utils.sft import ImageTokenCache, SFTCollator, SFTDataset
+    from pigeon_utils.batching import ImageTokenCache, PigeonCollator, PromptDataset
 
     bb = backbone_factory()
     ds = open_dataset(DATA, "movie")
     model = PigeonModel(bb, PigeonModelConfig(adapter_hidden=16, mask_feedforward=32, lora_dropout=0.0,
                                               adapter_dropout=0.0, mask_dropout=0.0)).eval()
-    sset = SFTDataset(ds, "train", bb.encode_text, bb.layout, max_samples=3)
-    batch = SFTCollator(ImageTokenCache(ds, bb.tokenizer.tokenize), bb.layout, seed=0)([sset[i] for i in range(3)])
+    sset = PromptDataset(ds, "train", bb, max_samples=3)
+    batch = PigeonCollator(ImageTokenCache(ds, bb.tokenizer), bb.layout, seed=0)([sset[i] for i in range(3)])
     out = model(batch, 0.5)
     # reference: the plain HF causal-LM loss on the same embeddings (it shifts and token-averages)
     x, _ = model.input_embeddings(batch, 0.5, inference=False)
@@ -97,14 +98,14 @@ def _model_and_batch(backbone_factory, straight_through: bool):
     """A small PigeonModel on a fresh smoke backbone and a two-sample training batch."""
     from pigeon_utils.data import open_dataset
     from pigeon_utils.model import PigeonModel, PigeonModelConfig
-    from pigeon_utils.sft import ImageTokenCache, SFTCollator, SFTDataset
+    from pigeon_utils.batching import ImageTokenCache, PigeonCollator, PromptDataset
 
     ds = open_dataset(DATA, "movie")
     bb = backbone_factory()
     model = PigeonModel(bb, PigeonModelConfig(adapter_hidden=16, mask_feedforward=32,
                                               straight_through=straight_through))
-    sset = SFTDataset(ds, "train", bb.encode_text, bb.layout, max_samples=2)
-    batch = SFTCollator(ImageTokenCache(ds, bb.tokenizer.tokenize), bb.layout, seed=0)([sset[0], sset[1]])
+    sset = PromptDataset(ds, "train", bb, max_samples=2)
+    batch = PigeonCollator(ImageTokenCache(ds, bb.tokenizer), bb.layout, seed=0)([sset[0], sset[1]])
     return model, batch
 
 
@@ -122,7 +123,7 @@ def test_gradients_reach_lora_adapter_and_mask_generator(backbone_factory):
 
 
 def test_reference_keep_values_carry_gradient_through_the_detokenizer(backbone_factory):
-    """Straight-through: the reference mask's keep values weight the detokenizer input (spec §2.8 fix)."""
+    """Straight-through: the reference mask's keep values weight the detokenizer input (docs/algorithm.md §2.8)."""
     for st in (True, False):
         model, batch = _model_and_batch(backbone_factory, st)
         keep = torch.ones(batch.masks.ids.shape, requires_grad=True)
@@ -136,7 +137,8 @@ def test_reference_keep_values_carry_gradient_through_the_detokenizer(backbone_f
 
 @pytest.mark.parametrize("adapter_only_steps", [0, 3])
 def test_resume_matches_uninterrupted_run(tmp_path, backbone_factory, adapter_only_steps):
-    from pigeon_utils.sft import latest_checkpoint, train_sft
+    from pigeon_utils.sft import train_sft
+    from pigeon_utils.train import latest_checkpoint
 
     cfg = small_cfg(adapter_only_steps=adapter_only_steps)
     a = train_sft(cfg, run_cfg(tmp_path / "a"), backbone=backbone_factory(), progress=False)
@@ -167,20 +169,24 @@ def test_resume_matches_uninterrupted_run(tmp_path, backbone_factory, adapter_on
     for f in ("lora/adapter_config.json", "adapter.safetensors", "mask_generator.safetensors", "pigeon_model.json"):
         assert (tmp_path / "a" / "sft" / "best" / f).is_file(), f
     ck = tmp_path / "a" / "sft" / "checkpoint-6"
-    for f in ("optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.json"):
+    for f in ("optimizer.pt", "scheduler.json", "rng_state.pt", "trainer_state.json"):
         assert (ck / f).is_file(), f
+    # resuming reads nothing that can run code: tensors and numbers only, and JSON
+    for f in ("optimizer.pt", "rng_state.pt"):
+        torch.load(ck / f, map_location="cpu", weights_only=True)
+    json.loads((ck / "scheduler.json").read_text())
     assert not list((tmp_path / "a" / "sft").glob(".*tmp*"))
 
 
 def test_linear_schedule_is_transformers_linear_schedule():
     from transformers import get_linear_schedule_with_warmup
 
-    from pigeon_utils.sft import _linear_schedule
+    from pigeon_utils.train import linear_schedule
 
     for warmup, total in ((20, 600), (0, 7), (5, 5)):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         hf = get_linear_schedule_with_warmup(opt, warmup, total).lr_lambdas[0]
-        assert [_linear_schedule(s, warmup, total) for s in range(total + 3)] == [hf(s) for s in range(total + 3)]
+        assert [linear_schedule(s, warmup, total) for s in range(total + 3)] == [hf(s) for s in range(total + 3)]
 
 
 def test_bad_config_values_are_named():
@@ -232,7 +238,7 @@ def _run_ddp(out: Path, nproc: int, smoke: Path) -> dict:
            f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(script)]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-4000:]
-    return torch.load(out / "result.pt", weights_only=False)
+    return torch.load(out / "result.pt", weights_only=True)
 
 
 def test_two_process_data_parallel_matches_single_process(tmp_path, smoke_dir):

@@ -1,5 +1,6 @@
 """The toy backbone's figures (issue 3 "Must show"), shared by the build (recorded in ``manifest.json``) and by
-``bench/bench_toy_backbone.py`` (recomputed from the committed checkpoint).
+``bench/bench_toy_backbone.py`` (recomputed from the committed checkpoint); :func:`compute_figures` gathers them
+for a checkpoint folder.
 
 * :func:`clip_accuracy` — toy CLIP zero-shot accuracy on held-out images (semantic = glyph; style = colour,
   pattern, stroke).
@@ -8,7 +9,7 @@
   processor) -> image, on caption combinations held out of the LMM's pre-training.
 * :func:`context_copy` with :func:`copy_probes` — the in-context skill: after a few uncaptioned images in one
   style and ``a <glyph> [IMG]``, the probability the LMM gives to the image token those images share (their
-  colour and background). Toy SFT reads the user's history when this is high (README, notebook-06 section).
+  colour and background). Toy SFT reads the user's history when this is high (docs/toy-world.md).
 * :func:`reference_embedding_probe` — a diagnostic, not a bar: how much of each factor a linear read-out finds in
   the detokenizer's mean output, which Pigeon's adapter turns into the reference embedding E.
 """
@@ -20,13 +21,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from pigeon_utils.backbone import to_uint8
 from pigeon_utils.toy.clip import ToyClip, factor_accuracy
 
 
 def fresh_images(combos: Sequence[tuple[str, str, str, str]], n: int, seed: int, workers: int = 1):
     """`n` fresh renders cycling through `combos` with random jitter -> (uint8 [n, 64, 64, 3], factor dicts);
     `workers` rendering processes (the same images whatever it is)."""
-    from pigeon_utils.toy_data import random_factors, render_many
+    from pigeon_utils.toy.data import random_factors, render_many
 
     rng = np.random.default_rng(seed)
     fs = [random_factors(rng, *combos[i % len(combos)]) for i in range(n)]
@@ -37,14 +39,10 @@ def clip_accuracy(clip: ToyClip, images, factors: list[dict]) -> dict[str, float
     return factor_accuracy(clip.predict_factors(images), factors)
 
 
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 @torch.no_grad()
 def decode_in_batches(backbone, codes: list[torch.Tensor], seed: int, batch: int = 128) -> np.ndarray:
     gen = torch.Generator().manual_seed(seed)
-    return np.concatenate([_to_uint8(backbone.decode_codes(codes[i:i + batch], generator=gen))
+    return np.concatenate([to_uint8(backbone.decode_codes(codes[i:i + batch], generator=gen))
                            for i in range(0, len(codes), batch)])
 
 
@@ -64,7 +62,7 @@ def caption_generation(backbone, clip: ToyClip, combos: Sequence[tuple[str, str,
                        seed: int, top_k: int = 50, temperature: float = 1.0) -> dict:
     """Generate ``per_combo`` images for each held-out caption combination and judge them with the toy CLIP."""
     from pigeon_utils.toy.lmm import generate_images_codes
-    from pigeon_utils.toy_data import ToyFactors
+    from pigeon_utils.toy.data import ToyFactors
 
     truth = [dict(zip(("glyph", "colour", "pattern", "stroke"), c)) for c in combos for _ in range(per_combo)]
     captions = [ToyFactors(**t).caption() for t in truth]
@@ -85,7 +83,7 @@ def copy_probes(tokenizer, text_tok, layout, combos: Sequence[tuple[str, str, st
     style with other glyphs, then ``a <glyph> [IMG]``; and the LMM id of the image token of an image of the
     combination itself (the toy's image token is background tile × colour, so the context images share it)."""
     from pigeon_utils.toy.lmm import image_span
-    from pigeon_utils.toy_data import GLYPHS, random_factors, render
+    from pigeon_utils.toy.data import GLYPHS, random_factors, render
 
     rng = np.random.default_rng(seed)
     glyphs = list(GLYPHS)
@@ -145,7 +143,8 @@ def linear_probe_accuracy(x: torch.Tensor, labels: torch.Tensor, n_train: int, s
 @torch.no_grad()
 def reference_embedding_probe(backbone, images: np.ndarray, factors: list[dict], n_train: int) -> dict[str, float]:
     """Per factor, the held-out accuracy of a linear read-out from the detokenizer's mean conditioning row of each
-    image's tokens: what the reference embedding E (adapter of that mean, spec §3.2) can carry of the image."""
+    image's tokens: what the reference embedding E (adapter of that mean, docs/algorithm.md §3.2) can carry of the
+    image."""
     from pigeon_utils.backbone import pad_codes
 
     codes, mask = pad_codes(backbone.tokenizer.tokenize(images).codes)
@@ -162,3 +161,23 @@ def reference_embedding_probe(backbone, images: np.ndarray, factors: list[dict],
 def public(d: dict) -> dict:
     """Drop the ``_``-prefixed (array) entries, recursively, for JSON."""
     return {k: public(v) if isinstance(v, dict) else v for k, v in d.items() if not k.startswith("_")}
+
+
+def compute_figures(folder, cfg) -> dict:
+    """The "Must show" figures of the checkpoint in `folder`, built with the recipe `cfg`
+    (:class:`~pigeon_utils.toy.recipe.BuildConfig`: its seed, held-out combinations and evaluation sizes)."""
+    from pigeon_utils.toy.load import load_toy_backbone, load_toy_clip
+    from pigeon_utils.toy.recipe import all_combos, heldout_combos, shuffled
+
+    bb = load_toy_backbone(folder, check_hashes=False)
+    clip = load_toy_clip(folder, bb.text_tokenizer)
+    eval_ims, eval_f = fresh_images(shuffled(all_combos(), cfg.seed + 4), cfg.n_eval, cfg.seed + 4, cfg.threads)
+    fig = {"clip_zero_shot": clip_accuracy(clip, eval_ims, eval_f),
+           "round_trip": public(round_trip(bb, clip, eval_ims, eval_f, seed=cfg.seed + 5))}
+    fig["caption_to_image"] = public(caption_generation(bb, clip, heldout_combos(cfg), cfg.gen_per_combo,
+                                                        seed=cfg.seed + 6))
+    prompts, targets = copy_probes(bb.tokenizer, bb.text_tokenizer, bb.layout, heldout_combos(cfg), 4,
+                                   cfg.seed + 12)
+    fig["in_context_copy"] = {"n_prompts": len(prompts), "n_context": 4,
+                              "probability": context_copy(bb.lmm, prompts, targets, bb.layout.pad_id)}
+    return fig

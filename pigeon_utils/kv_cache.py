@@ -1,4 +1,5 @@
-"""Attention over a prompt prefix shared by many rows, read once per sample (used by the α_r sweep's generation).
+"""KV caches for generation: a prompt prefix shared by many rows, read once per sample, and room reserved for the
+generated tokens (used by :mod:`pigeon_utils.generation`).
 
 In the sweep every sample's prompt up to the ``<emb>`` slot is the same for all its α_r and, with beam-sample, for all
 their beams: 4 samples × 11 ratios × 4 beams = 176 rows over 4 distinct prefixes. A standard KV cache repeats the
@@ -17,13 +18,15 @@ cache classes repeat the prefix per row and its attention functions take one key
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["IMPLEMENTATION", "SharedPrefixCache", "moved_rows", "shared_prefix_attention", "use_shared_prefix"]
+__all__ = ["IMPLEMENTATION", "SharedPrefixCache", "moved_rows", "shared_prefix_attention", "use_shared_prefix",
+           "reserve_room", "reorder_generated"]
 
 #: the name under which the attention function is registered with transformers
 IMPLEMENTATION = "pigeon_shared_prefix"
@@ -203,3 +206,92 @@ def use_shared_prefix(lm):
         yield
     finally:
         lm.config._attn_implementation = old
+
+
+# ------------------------------------------------------------------------------------------------- transformers' cache
+def reserve_room(cache, extra: int) -> None:
+    """Give every layer of a transformers ≥ 5 ``DynamicCache`` room for `extra` more positions, so each generated
+    token is written in place instead of copying the whole cache (``DynamicLayer.update`` concatenates, a copy of
+    the whole cache at every step). Results are unchanged: the attention reads the same values. A transformers 4.x
+    cache (key / value lists) is left as it is."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return
+    from transformers.cache_utils import DynamicLayer
+
+    reserved = reserved_layer_class()
+    if not all(type(layer) in (DynamicLayer, reserved) and layer.is_initialized for layer in layers):
+        return  # a cache type we do not know: keep its own update
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer:
+            layers[i] = reserved.from_layer(layer, extra)
+
+
+@functools.lru_cache(maxsize=None)
+def reserved_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose keys / values are views of larger buffers; `update` writes into the free room
+        (and doubles it when full), row selection and repetition act on the buffers."""
+
+        @classmethod
+        def from_layer(cls, layer, extra: int):
+            new = cls()
+            new.device, new.is_initialized = layer.device, True
+            n = layer.keys.shape[-2]
+            new._k, new._v = (x.new_empty(*x.shape[:2], n + max(1, int(extra)), x.shape[-1])
+                              for x in (layer.keys, layer.values))
+            new._k[:, :, :n], new._v[:, :, :n] = layer.keys, layer.values
+            new._view(n)
+            return new
+
+        def _view(self, n: int) -> None:
+            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, m = self.keys.shape[-2], key_states.shape[-2]
+            if n + m > self._k.shape[-2]:  # out of room: double it
+                room = max(m, self._k.shape[-2])
+                self._k, self._v = (torch.cat([x, x.new_empty(*x.shape[:2], room, x.shape[-1])], -2)
+                                    for x in (self._k, self._v))
+            self._k[:, :, n:n + m], self._v[:, :, n:n + m] = key_states, value_states
+            self._view(n + m)
+            return self.keys, self.values
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            n = self.keys.shape[-2]
+            self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+            self._view(n)
+
+        def batch_select_indices(self, indices) -> None:
+            n = self.keys.shape[-2]
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._view(n)
+
+        def reorder_cache(self, beam_idx) -> None:
+            self.batch_select_indices(beam_idx)
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("a reserved generation cache is not cropped")
+
+    return ReservedLayer
+
+
+def reorder_generated(cache, parent: Tensor, start: int) -> None:
+    """Reorder the rows of a KV cache to `parent` from position `start` on (in place). Exact when rows that
+    `parent` maps onto each other hold the same cache before `start` — the beams of one group share their
+    prompt — and copies only the generated part instead of the whole cache."""
+    if isinstance(cache, SharedPrefixCache):
+        cache.reorder_generated(parent, start)
+        return
+    if hasattr(cache, "layers"):  # transformers 5: one layer object per layer; 4.x: key / value lists
+        pairs = [(layer.keys, layer.values) for layer in cache.layers]
+    else:
+        pairs = list(zip(cache.key_cache, cache.value_cache))
+    moved, src = moved_rows(parent)  # only rows that take another beam's tokens are copied (right side read first)
+    if len(moved) == 0:
+        return
+    for keys, values in pairs:  # one per layer
+        keys[moved, :, start:] = keys[src, :, start:]
+        values[moved, :, start:] = values[src, :, start:]

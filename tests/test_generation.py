@@ -1,5 +1,5 @@
-"""Inference (spec §5): the shared-prefix α_r sweep equals separate runs, sampling limits, deterministic and resumable
-sweeps with atomic files.
+"""Generation and the α_r sweep (docs/algorithm.md §5): the shared-prefix sweep equals separate runs, sampling limits,
+deterministic and resumable sweeps with atomic files.
 
 The backbone is the toy smoke build (seconds); the Pigeon model is freshly initialised from a fixed seed (no
 training is needed to check the mechanics).
@@ -28,15 +28,15 @@ def world(tmp_path_factory):
 
 
 def _batch(model, ds, ks, seed=0):
-    from pigeon_utils.inference import SeededImageTokens, sweep_batch
+    from pigeon_utils.batching import ImageTokenCache, prompt_batch
 
     samples = ds.samples("test")
-    return sweep_batch(ds, [samples[k] for k in ks], ks, model.backbone,
-                       SeededImageTokens(ds, model.backbone.tokenizer, seed), seed)
+    return prompt_batch(ds, [samples[k] for k in ks], ks, model.backbone,
+                        ImageTokenCache(ds, model.backbone.tokenizer, seed=seed), seed)
 
 
 def test_shared_prefix_equals_full_prompt_per_ratio(world):
-    from pigeon_utils.inference import prefill
+    from pigeon_utils.generation import prefill
 
     model, ds = world
     batch = _batch(model, ds, [0, 1, 2])
@@ -59,20 +59,20 @@ def test_shared_prefix_equals_full_prompt_per_ratio(world):
 
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_sweep_equals_separate_runs_and_respects_limits(world, num_beams):
-    from pigeon_utils.inference import SamplingConfig, sweep_tokens
+    from pigeon_utils.generation import SamplingConfig, generate_tokens
 
     model, ds = world
     batch = _batch(model, ds, [0, 1, 2])
     ratios = [0.0, 0.5, 1.0]
     sc = SamplingConfig(min_new_tokens=3, max_new_tokens=6, num_beams=num_beams)
-    sweep = sweep_tokens(model, batch, ratios, sc, seed=5)
+    sweep = generate_tokens(model, batch, ratios, sc, seed=5)
     for j, r in enumerate(ratios):
-        alone = sweep_tokens(model, batch, [r], sc, seed=5, share_prefix=False)
+        alone = generate_tokens(model, batch, [r], sc, seed=5, share_prefix=False)
         assert all(torch.equal(sweep[b][j], alone[b][0]) for b in range(3)), r
     # a sample's tokens do not depend on the batch it is in; another seed gives other tokens
-    single = sweep_tokens(model, _batch(model, ds, [1]), ratios, sc, seed=5)
+    single = generate_tokens(model, _batch(model, ds, [1]), ratios, sc, seed=5)
     assert all(torch.equal(single[0][j], sweep[1][j]) for j in range(3))
-    other = sweep_tokens(model, batch, ratios, sc, seed=6)
+    other = generate_tokens(model, batch, ratios, sc, seed=6)
     assert any(not torch.equal(other[b][j], sweep[b][j]) for b in range(3) for j in range(3))
     lengths = [len(c) for row in sweep for c in row]
     assert min(lengths) >= 3 and max(lengths) <= 6
@@ -81,15 +81,17 @@ def test_sweep_equals_separate_runs_and_respects_limits(world, num_beams):
 
 
 def test_sampling_filters_and_bad_values():
-    from pigeon_utils.inference import InferenceConfig, SamplingConfig, _filter_logits, _sample
+    from pigeon_utils.generation import SamplingConfig
+    from pigeon_utils.sampling import filter_logits, sample_inverse_cdf
+    from pigeon_utils.sweep import InferenceConfig
 
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
-    assert torch.isinf(_filter_logits(logits, 2, 1.0)[0, :2]).all()
+    assert torch.isinf(filter_logits(logits, 2, 1.0)[0, :2]).all()
     # top-p 0.5: the most likely id alone has p ≈ 0.64 ≥ 0.5
-    kept = ~torch.isinf(_filter_logits(logits, 0, 0.5))
+    kept = ~torch.isinf(filter_logits(logits, 0, 0.5))
     assert kept.tolist() == [[False, False, False, True]]
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5]]).expand(3, 4)
-    assert _sample(probs, torch.tensor([0.0, 0.49, 0.999])).tolist() == [1, 1, 3]
+    assert sample_inverse_cdf(probs, torch.tensor([0.0, 0.49, 0.999])).tolist() == [1, 1, 3]
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="min_new_tokens"):
@@ -107,7 +109,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_sweep_is_deterministic_and_resumes_after_interruption(world, tmp_path, monkeypatch):
     from PIL import Image
 
-    from pigeon_utils.inference import InferenceConfig, SamplingConfig, load_index, run_sweep
+    from pigeon_utils.generation import SamplingConfig
+    from pigeon_utils.sweep import InferenceConfig, load_index, run_sweep
 
     model, ds = world
     cfg = InferenceConfig(ref_mask_ratios=(0.0, 1.0), batch_size=2, seed=3, num_inference_steps=2,
@@ -159,26 +162,26 @@ def test_sweep_is_deterministic_and_resumes_after_interruption(world, tmp_path, 
 def _full_forward(model, x, batch, b, toks):
     """Logits [1, T + n, V] of sample b's inference prompt (embeddings `x`) followed by the ids `toks` [1, n],
     without a KV cache."""
-    from pigeon_utils.inference import _lm
+    from pigeon_utils.generation import base_lm
 
     am, pos = batch.seq.attention_mask[b:b + 1], batch.seq.position_ids[b:b + 1]
     n = toks.shape[1]
     xe = torch.cat([x[b:b + 1], model.token_embeddings(toks)], 1)
     a = torch.cat([am, am.new_ones(1, n)], 1)
     p = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(n)[None]], 1)
-    return _lm(model)(inputs_embeds=xe, attention_mask=a, position_ids=p).logits.float()
+    return base_lm(model)(inputs_embeds=xe, attention_mask=a, position_ids=p).logits.float()
 
 
 def _reference_beam_sample(model, batch, ratio, b, u, sc):
     """transformers 4.33.2 ``beam_sample`` for one (sample b, α_r), written plainly: no KV cache (full forward per
     step), Python lists for beams and hypotheses, the same uniforms `u` [max_new, 2K] for the draws."""
-    from pigeon_utils.inference import _draw_without_replacement, _filter_logits, _lm
-    from pigeon_utils.model import VisualOnlyLogitsProcessor
+    from pigeon_utils.generation import VisualOnlyLogitsProcessor, base_lm
+    from pigeon_utils.sampling import draw_without_replacement, filter_logits
 
     k, eos, inf = sc.num_beams, model.layout.emb_id, float("-inf")
     x, _ = model.input_embeddings(batch, ratio, inference=True)
     ids = batch.seq.input_ids[b:b + 1]
-    procs = [VisualOnlyLogitsProcessor(model.layout, _lm(model).config.vocab_size),
+    procs = [VisualOnlyLogitsProcessor(model.layout, base_lm(model).config.vocab_size),
              model.backbone.visual_logits_processor()]
     beams = [(0.0, [])] * k  # (running score, tokens); every beam starts with score 0
     hyps = []  # (score / length, tokens)
@@ -191,10 +194,10 @@ def _reference_beam_sample(model, batch, ratio, b, u, sc):
                 s = proc(torch.cat([ids, t], 1), s)
             if step < sc.min_new_tokens:
                 s[:, eos] = inf
-            rows.append(_filter_logits((s + score) / sc.temperature, sc.top_k, sc.top_p, min_keep=2))
+            rows.append(filter_logits((s + score) / sc.temperature, sc.top_k, sc.top_p, min_keep=2))
         flat = torch.cat(rows, 1)
         vocab = rows[0].shape[1]
-        idx, valid = _draw_without_replacement(torch.softmax(flat, -1), u[step:step + 1])
+        idx, valid = draw_without_replacement(torch.softmax(flat, -1), u[step:step + 1])
         cands = sorted(((float(flat[0, i]), int(i) // vocab, int(i) % vocab) for i, v in zip(idx[0], valid[0]) if v),
                        key=lambda c: -c[0])
         nxt = []
@@ -218,13 +221,14 @@ def _reference_beam_sample(model, batch, ratio, b, u, sc):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_beam_sample_matches_plain_reference(world, temperature):
-    from pigeon_utils.inference import SamplingConfig, row_seed, sweep_tokens
+    from pigeon_utils.generation import SamplingConfig, generate_tokens
+    from pigeon_utils.seeds import row_seed
 
     model, ds = world
     batch = _batch(model, ds, [0, 1, 2])
     ratios = [0.0, 1.0]
     sc = SamplingConfig(min_new_tokens=2, max_new_tokens=12, num_beams=3, temperature=temperature)
-    got = sweep_tokens(model, batch, ratios, sc, seed=4)
+    got = generate_tokens(model, batch, ratios, sc, seed=4)
     with torch.no_grad():
         for b in range(3):
             for j, r in enumerate(ratios):
@@ -244,15 +248,15 @@ def _mean_logprob(model, batch, ratio, b, codes):
 
 def test_beams_seek_the_mode(world):
     """4 beams find sequences the model finds more likely than plain samples (num_beams=1) do."""
-    from pigeon_utils.inference import SamplingConfig, sweep_tokens
+    from pigeon_utils.generation import SamplingConfig, generate_tokens
 
     model, ds = world
     ks = list(range(6))
     batch = _batch(model, ds, ks)
     ratios = [0.0, 0.5, 1.0]
     sc = dict(min_new_tokens=2, max_new_tokens=6)
-    plain = sweep_tokens(model, batch, ratios, SamplingConfig(**sc, num_beams=1), seed=1)
-    beams = sweep_tokens(model, batch, ratios, SamplingConfig(**sc, num_beams=4), seed=1)
+    plain = generate_tokens(model, batch, ratios, SamplingConfig(**sc, num_beams=1), seed=1)
+    beams = generate_tokens(model, batch, ratios, SamplingConfig(**sc, num_beams=4), seed=1)
     with torch.no_grad():
         lp = [[_mean_logprob(model, batch, r, b, out[b][j]) for b in ks for j, r in enumerate(ratios)]
               for out in (plain, beams)]
@@ -262,7 +266,7 @@ def test_beams_seek_the_mode(world):
 
 
 def test_beam_bookkeeping_by_hand():
-    from pigeon_utils.inference import _beam_done, _beam_process, _draw_without_replacement
+    from pigeon_utils.sampling import beam_done, beam_process, draw_without_replacement
 
     inf, eos = float("-inf"), 9
     # candidates sorted by score; K = 2: the end id at rank 0 finishes, the one at rank 2 is ignored
@@ -270,37 +274,37 @@ def test_beam_bookkeeping_by_hand():
     ids = torch.tensor([[eos, 5, eos, 6]])
     beam = torch.tensor([[1, 0, 0, 1]])
     valid = torch.ones(1, 4, dtype=torch.bool)
-    finish, s, i, b = _beam_process(score, ids, beam, valid, 2, eos)
+    finish, s, i, b = beam_process(score, ids, beam, valid, 2, eos)
     assert finish.tolist() == [[True, False]]
     assert s.tolist() == [[-2.0, -4.0]] and i.tolist() == [[5, 6]] and b.tolist() == [[0, 1]]
     # too few valid continuations: a dead beam (score −inf)
-    finish, s, i, b = _beam_process(score, ids, beam, torch.tensor([[True, True, True, False]]), 2, eos)
+    finish, s, i, b = beam_process(score, ids, beam, torch.tensor([[True, True, True, False]]), 2, eos)
     assert s.tolist() == [[-2.0, inf]]
     # done: K hypotheses and the worst beats the best candidate / length; or nothing alive
     hyps = torch.tensor([[-0.5, -1.0], [-0.5, inf], [-0.5, -1.0]])
     best = torch.tensor([-3.0, -3.0, -1.0])
     alive = torch.tensor([[-3.0, -4.0]] * 3)
-    assert _beam_done(hyps, best, 2, 1.0, alive).tolist() == [True, False, False]  # -1 ≥ -1.5; not full; -1 < -0.5
-    assert _beam_done(hyps, best, 2, 1.0, torch.full((3, 2), inf)).tolist() == [True, True, True]
+    assert beam_done(hyps, best, 2, 1.0, alive).tolist() == [True, False, False]  # -1 ≥ -1.5; not full; -1 < -0.5
+    assert beam_done(hyps, best, 2, 1.0, torch.full((3, 2), inf)).tolist() == [True, True, True]
     # drawing without replacement: never the same id twice, never a zero-probability id
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2]])
-    idx, ok = _draw_without_replacement(probs, torch.tensor([[0.99, 0.99, 0.0, 0.5]]))
+    idx, ok = draw_without_replacement(probs, torch.tensor([[0.99, 0.99, 0.0, 0.5]]))
     assert idx[0, :3].tolist() == [3, 2, 0] and ok.tolist() == [[True, True, True, False]]
 
 
 def test_beam_candidates_draw_over_nonzero_entries_as_over_full_rows():
     """`_beam_candidates` draws over the non-zero entries only; ids, scores and validity are those of the draws over
     the full rows, also for a row with fewer entries than draws (its last draws invalid, id K·V − 1)."""
-    from pigeon_utils.inference import _beam_candidates, _draw_without_replacement, _filter_logits
+    from pigeon_utils.sampling import beam_candidates, draw_without_replacement, filter_logits
 
     g = torch.Generator().manual_seed(3)
     k, vocab = 3, 40
-    flat = _filter_logits(torch.randn(5 * k, vocab, generator=g), 6, 1.0, min_keep=2).reshape(5, k * vocab)
+    flat = filter_logits(torch.randn(5 * k, vocab, generator=g), 6, 1.0, min_keep=2).reshape(5, k * vocab)
     flat[4] = float("-inf")
     flat[4, [7, 50, 99]] = torch.tensor([-1.0, -0.5, -2.0])  # 3 entries for 2K = 6 draws
     u = torch.rand(5, 2 * k, generator=g)
-    score, ids, beam, valid = _beam_candidates(flat, u, vocab)
-    idx, ok = _draw_without_replacement(torch.softmax(flat, -1), u)
+    score, ids, beam, valid = beam_candidates(flat, u, vocab)
+    idx, ok = draw_without_replacement(torch.softmax(flat, -1), u)
     want = flat.gather(1, idx).masked_fill(~ok, float("-inf"))
     order = want.sort(dim=1, descending=True, stable=True).indices
     assert torch.equal(valid, ok.gather(1, order)) and torch.equal(score, want.gather(1, order))
@@ -309,12 +313,12 @@ def test_beam_candidates_draw_over_nonzero_entries_as_over_full_rows():
 
 
 def test_reserved_cache_matches_concatenating_cache():
-    """`_reserve` (generated tokens written in place into spare room) holds exactly what transformers' concatenating
+    """`reserve_room` (generated tokens written in place into spare room) holds exactly what transformers' concatenating
     DynamicCache holds through every operation the sampling loops use: appends past the room (it grows), repeat and
     select of rows, and the in-place reorder of the generated part."""
     from transformers.cache_utils import DynamicCache
 
-    from pigeon_utils.inference import _reorder_generated, _reserve
+    from pigeon_utils.kv_cache import reorder_generated, reserve_room
 
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -323,7 +327,7 @@ def test_reserved_cache_matches_concatenating_cache():
     for c in (plain, reserved):
         for layer in range(2):
             c.update(k + layer, v - layer, layer)
-    _reserve(reserved, 2)
+    reserve_room(reserved, 2)
     assert {type(layer).__name__ for layer in reserved.layers} == {"ReservedLayer"}
 
     def same():
@@ -346,7 +350,7 @@ def test_reserved_cache_matches_concatenating_cache():
             assert all(torch.equal(a, b) for a, b in zip(out_p, out_r))
         parent = torch.randint(n, (n,), generator=g)
         for c in (plain, reserved):
-            _reorder_generated(c, parent, 5)
+            reorder_generated(c, parent, 5)
         same()
 
 
@@ -362,7 +366,7 @@ def test_shared_prefix_attention_equals_attention_over_full_rows():
     """The prefix held once per sample + each row's own keys gives the attention of rows that hold their whole
     sequence: left padding of the prefix, causal new queries, grouped-query heads, equal and unequal numbers of rows
     per sample, through beam repeats, row selection (a sample leaving), reordering and growth past the room."""
-    from pigeon_utils.prefix_attention import SharedPrefixCache, shared_prefix_attention
+    from pigeon_utils.kv_cache import SharedPrefixCache, shared_prefix_attention
 
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -417,28 +421,29 @@ def test_shared_prefix_attention_equals_attention_over_full_rows():
 
 def test_sweep_reads_the_prefix_once_per_sample_and_restores_attention(world):
     """prefill keeps one prefix per sample; the shared-prefix attention is selected only while the sweep runs."""
-    from pigeon_utils.inference import _lm, prefill
-    from pigeon_utils.prefix_attention import SharedPrefixCache
+    from pigeon_utils.generation import base_lm, prefill
+    from pigeon_utils.kv_cache import SharedPrefixCache
 
     model, ds = world
     batch = _batch(model, ds, [0, 1])
-    before = _lm(model).config._attn_implementation
+    before = base_lm(model).config._attn_implementation
     _, cache, am, _ = prefill(model, batch, [0.0, 0.5, 1.0], reserve=5)
     assert isinstance(cache, SharedPrefixCache)
     assert cache.owner.tolist() == [0, 0, 0, 1, 1, 1] and cache.prefix[0][0].shape[0] == 2
     assert cache.get_seq_length() == am.shape[1]
-    assert _lm(model).config._attn_implementation == before
+    assert base_lm(model).config._attn_implementation == before
 
 
-def test_decode_sweep_gives_each_sample_its_own_noise(world):
+def test_decode_images_gives_each_sample_its_own_noise(world):
     """A sweep batch decoded in one call: each sample's images are those of decoding it alone with its generator
     (up to float rounding between batch shapes); noise for the wrong number of images is refused."""
-    from pigeon_utils.inference import decode_sweep, row_seed
+    from pigeon_utils.generation import decode_images
+    from pigeon_utils.seeds import row_seed
 
     model, _ = world
     g = torch.Generator().manual_seed(0)
     codes = [[torch.randint(0, 50, (n,), generator=g) for n in (3, 5)]] * 3  # the same codes for three samples
-    together = decode_sweep(model, codes, [4, 9, 2], seed=7, num_inference_steps=2)
+    together = decode_images(model, codes, [4, 9, 2], seed=7, num_inference_steps=2)
     assert together.shape[0] == 6
     for b, k in enumerate([4, 9, 2]):
         alone = model.decode(codes[b], generator=torch.Generator().manual_seed(row_seed(7, k)), num_inference_steps=2)

@@ -1,0 +1,101 @@
+"""The two worlds in one table: what a ``preset`` means.
+
+Each :class:`World` says where its datasets and checkpoints live by default, how its backbone and its CLIP are
+loaded, and the defaults of each stage that differ from the paper's (the paper's values are the defaults of the
+stage configs themselves: :class:`~pigeon_utils.sft.SFTConfig`, :class:`~pigeon_utils.generation.SamplingConfig`).
+Pigeon's code never branches on the world; it looks the world up here.
+
+* ``toy`` — the embedded world: synthetic datasets in ``dataset/`` and the small LaVIT-shaped backbone in
+  ``checkpoints/toy`` (both built by the project's own scripts), runs on a CPU;
+* ``lavit`` — LaVIT-7B-v2, SER-30K and MovieLens from folders the user downloaded (README, "The real world").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+__all__ = ["World", "WORLDS", "PRESETS", "world", "load_backbone"]
+
+
+def _toy_backbone(checkpoint_dir: Path, device):
+    from pigeon_utils.toy.load import load_toy_backbone
+
+    return load_toy_backbone(checkpoint_dir, device=device)
+
+
+def _lavit_backbone(checkpoint_dir: Path, device):
+    from pigeon_utils.lavit.backbone import load_lavit_backbone
+
+    return load_lavit_backbone(checkpoint_dir, device=device)
+
+
+def _toy_clip(checkpoint_dir: Optional[Path], text_tokenizer, clip_path, device):
+    from pigeon_utils.toy.load import load_toy_clip
+
+    if checkpoint_dir is None:
+        raise ValueError("preset='toy' needs checkpoint_dir (the toy CLIP lives in <checkpoint_dir>/clip)")
+    return load_toy_clip(Path(checkpoint_dir), text_tokenizer)
+
+
+def _lavit_clip(checkpoint_dir, text_tokenizer, clip_path, device):
+    from pigeon_utils.lavit.extractors import load_open_clip
+
+    return load_open_clip(clip_path, device=device)
+
+
+@dataclass(frozen=True)
+class World:
+    """One world. ``data_dirs``: scenario → dataset folder, and ``checkpoint_dir``, relative to the repository
+    root. ``backbone_loader(checkpoint_dir, device)`` → :class:`~pigeon_utils.backbone.Backbone`;
+    ``clip_loader(checkpoint_dir, text_tokenizer, clip_path, device)`` → a model with ``image_features`` /
+    ``text_features``; ``clip_name`` names it in reports; ``generated_size``: the side generated images are resized
+    to before CLIP (None: as they are). ``sft`` / ``sampling``: the world's overrides of the stage configs."""
+
+    name: str
+    data_dirs: dict[str, str]
+    checkpoint_dir: str
+    backbone_loader: Callable[..., Any]
+    clip_loader: Callable[..., Any]
+    clip_name: str
+    generated_size: Optional[int]
+    sft: dict = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)
+
+
+WORLDS: dict[str, World] = {
+    "toy": World(
+        name="toy",
+        data_dirs={"sticker": "dataset/toy-sticker", "movie": "dataset/toy-poster"},
+        checkpoint_dir="checkpoints/toy",
+        backbone_loader=_toy_backbone, clip_loader=_toy_clip, clip_name="toy CLIP",
+        generated_size=None,  # the toy CLIP reads the toy images' own 64 × 64
+        # a run of a few minutes on 2 CPU cores; the adapter learns alone first (deviation S8)
+        sft=dict(lr=2e-3, batch_size=16, epochs=50, max_steps=600, warmup_steps=20, eval_every=50,
+                 max_eval_samples=128, patience=4, seed=123, adapter_only_steps=300,
+                 model=dict(adapter_hidden=128, mask_feedforward=256)),
+        sampling=dict(min_new_tokens=1, max_new_tokens=40),  # toy images have 5–25 tokens
+    ),
+    "lavit": World(
+        name="lavit",
+        data_dirs={"sticker": "dataset/SER-30K", "movie": "dataset/ml-latest-small"},
+        checkpoint_dir="checkpoints/LaVIT-7B-v2",
+        backbone_loader=_lavit_backbone, clip_loader=_lavit_clip, clip_name="open_clip ViT-H-14 laion2b_s32b_b79k",
+        generated_size=512,  # cal_scores.py resizes generated images to 512 × 512 first
+    ),
+}
+PRESETS = tuple(WORLDS)
+
+
+def world(preset: str) -> World:
+    """The :class:`World` of `preset`; an unknown name is a ValueError listing the known ones."""
+    try:
+        return WORLDS[preset]
+    except (KeyError, TypeError):
+        raise ValueError(f"preset={preset!r}: expected one of {PRESETS}") from None
+
+
+def load_backbone(preset: str, checkpoint_dir: Path | str, device="cpu"):
+    """Load the backbone of `preset` from `checkpoint_dir`; a missing or damaged file raises
+    :class:`~pigeon_utils.backbone.CheckpointError` naming it."""
+    return world(preset).backbone_loader(Path(checkpoint_dir), device)
