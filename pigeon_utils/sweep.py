@@ -90,14 +90,14 @@ def _save_png(image: np.ndarray, path: Path) -> None:
     atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
-def _save_index(index: dict, folder: Path) -> None:
+def _save_index(index: dict, folder: Path, name: str = INDEX_FILE) -> None:
     data = json.dumps(index, indent=None, separators=(",", ":")).encode()
-    atomic_write(folder / INDEX_FILE, lambda f: f.write(data))
+    atomic_write(folder / name, lambda f: f.write(data))
 
 
-def load_index(folder: Path | str) -> dict:
+def load_index(folder: Path | str, name: str = INDEX_FILE) -> dict:
     """``<folder>/index.json`` of a sweep (see :func:`run_sweep`); a missing or damaged file names itself."""
-    path = Path(folder) / INDEX_FILE
+    path = Path(folder) / name
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no sweep index here (run_sweep writes it)")
     try:
@@ -146,6 +146,26 @@ class SweepResult:
     decode_seconds: float
 
 
+def _shard_name(rank: int) -> str:
+    return f"index.part-{rank}.json"
+
+
+def _read_finished(out_dir: Path, conf: dict, split: str) -> dict:
+    """The finished samples recorded in `out_dir`: ``index.json`` and the shard indexes an interrupted
+    multi-process sweep left; a file written with other settings is a ValueError naming it and what differs."""
+    samples: dict = {}
+    for path in [out_dir / INDEX_FILE] + sorted(out_dir.glob(_shard_name("*"))):
+        if not path.is_file():
+            continue
+        old = load_index(out_dir, path.name)
+        if old["config"] != conf or old["split"] != split:
+            diff = sorted(k for k in set(conf) | set(old["config"]) if conf.get(k) != old["config"].get(k))
+            raise ValueError(f"{path}: written with other settings (differs in {diff or ['split']}); "
+                             f"use another folder or resume=False to start over")
+        samples.update(old["samples"])
+    return samples
+
+
 def run_sweep(model: PigeonModel, ds, split: str, out_dir: Path | str, cfg: InferenceConfig, *,
               max_samples: Optional[int] = None, model_label: str = "", resume: bool = True,
               progress: bool = True, interrupt_after: Optional[int] = None) -> SweepResult:
@@ -156,26 +176,33 @@ def run_sweep(model: PigeonModel, ds, split: str, out_dir: Path | str, cfg: Infe
     "target", "images": {α_r: {"path", "codes"}}}}}`` (paths relative to `out_dir`, codes = the generated code ids,
     which notebook 04 turns into preference pairs). A sample enters the index only when all its images are written.
 
-    ``resume``: skip samples already in the index (the index's config must equal `cfg`, else a ValueError says what
-    differs; a batch with some samples finished is computed again, only its unfinished samples written); False
-    starts the index over. ``interrupt_after``: stop after this many samples of this call (what a
-    killed run leaves behind; used by the tests).
+    Several processes (``accelerate launch``, ``accelerate.notebook_launcher`` or ``torchrun``, one model each) share
+    the work: process p takes the batches p, p + P, p + 2P, … and records its samples in ``index.part-<p>.json``;
+    at the end the main process merges them into ``index.json``. Every image is the one a single process makes.
+
+    ``resume``: skip samples already recorded (the settings must equal `cfg`, else a ValueError says what differs;
+    a batch with some samples finished is computed again, only its unfinished samples written); False starts the
+    index over. ``interrupt_after``: stop after this many samples of this call (what a killed run leaves behind;
+    used by the tests).
     """
+    from accelerate import PartialState
     from tqdm.auto import tqdm
 
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.rglob(".*.tmp*"):  # temporary files of a run killed mid-write
-        stale.unlink()
     conf = cfg.to_dict()
+    if state.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.rglob(".*.tmp*"):  # temporary files of a run killed mid-write
+            stale.unlink()
+    state.wait_for_everyone()
     index = {"version": INDEX_VERSION, "split": split, "model": model_label, "config": conf, "samples": {}}
-    if resume and (out_dir / INDEX_FILE).is_file():
-        old = load_index(out_dir)
-        if old["config"] != conf or old["split"] != split:
-            diff = sorted(k for k in set(conf) | set(old["config"]) if conf.get(k) != old["config"].get(k))
-            raise ValueError(f"{out_dir / INDEX_FILE}: written with other settings (differs in {diff or ['split']}); "
-                             f"use another folder or resume=False to start over")
-        index["samples"] = old["samples"]
+    if resume:
+        index["samples"] = _read_finished(out_dir, conf, split)
+    state.wait_for_everyone()  # every process has read the shards before any is rewritten
+    own = {**index, "samples": {}} if world > 1 else index  # what this process records
+    own_name = _shard_name(rank) if world > 1 else INDEX_FILE
     samples = ds.samples(split)[:max_samples]
     todo = {k for k in range(len(samples)) if str(k) not in index["samples"]
             or not all((out_dir / im["path"]).is_file() for im in index["samples"][str(k)]["images"].values())}
@@ -184,7 +211,7 @@ def run_sweep(model: PigeonModel, ds, split: str, out_dir: Path | str, cfg: Infe
     # one, so its tokens and pixels are the same to the last bit; a batch whose samples are all finished is skipped
     size = cfg.batch_size
     batches = [list(range(k0, min(k0 + size, len(samples)))) for k0 in range(0, len(samples), size)]
-    batches = [chunk for chunk in batches if todo.intersection(chunk)]
+    batches = [chunk for chunk in batches if todo.intersection(chunk)][rank::world]
     model.eval()
     backbone = model.backbone
     tokens = ImageTokenCache(ds, backbone.tokenizer, seed=cfg.seed)
@@ -194,7 +221,9 @@ def run_sweep(model: PigeonModel, ds, split: str, out_dir: Path | str, cfg: Infe
                                 ("guidance_scale", cfg.guidance_scale)) if v is not None}
     t_tok = t_dec = 0.0
     generated = 0
-    bar = tqdm(total=len(todo), desc=f"α_r sweep ({split}, {len(ratios)} ratios)", disable=not progress)
+    mine = sum(len(todo.intersection(chunk)) for chunk in batches)
+    bar = tqdm(total=mine, desc=f"α_r sweep ({split}, {len(ratios)} ratios)",
+               disable=not (progress and state.is_main_process))
     for chunk in batches:
         t0 = time.perf_counter()
         batch = prompt_batch(ds, [samples[k] for k in chunk], chunk, backbone, tokens, cfg.seed).to(model.device)
@@ -213,15 +242,27 @@ def run_sweep(model: PigeonModel, ds, split: str, out_dir: Path | str, cfg: Infe
                 rel = f"{key}/{k:05d}_u{s.uid}_t{s.target}.png"
                 _save_png(img, out_dir / rel)
                 entry["images"][key] = {"path": rel, "codes": c.tolist()}
-            index["samples"][str(k)] = entry
-            _save_index(index, out_dir)
+            own["samples"][str(k)] = entry
+            _save_index(own, out_dir, own_name)
             generated += 1
             bar.update(1)
             if interrupt_after is not None and generated >= interrupt_after:
                 bar.close()
-                return SweepResult(index, out_dir, generated, skipped, t_tok, t_dec)
+                return SweepResult(own, out_dir, generated, skipped, t_tok, t_dec)
     bar.close()
-    _save_index(index, out_dir)
+    if world > 1:
+        _save_index(own, out_dir, own_name)
+        state.wait_for_everyone()
+        if state.is_main_process:  # merge the shards into index.json, then remove them
+            merged = _read_finished(out_dir, conf, split)
+            index["samples"] = {k: merged[k] for k in sorted(merged, key=int)}
+            _save_index(index, out_dir)
+            for part in out_dir.glob(_shard_name("*")):
+                part.unlink()
+        state.wait_for_everyone()
+        index = load_index(out_dir)
+    else:
+        _save_index(index, out_dir)
     return SweepResult(index, out_dir, generated, skipped, t_tok, t_dec)
 
 

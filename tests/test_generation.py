@@ -451,3 +451,53 @@ def test_decode_images_gives_each_sample_its_own_noise(world):
     assert not torch.allclose(together[0:2], together[2:4], atol=1e-3)  # same codes, other sample: other noise
     with pytest.raises(ValueError, match="noise"):
         model.decode(codes[0], noise=model.backbone.pixel_decoder.draw_noise(3), num_inference_steps=2)
+
+
+SHARD_SCRIPT = r"""
+import sys, torch
+import pigeon_utils
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_sft import DATA, load_smoke
+from pigeon_utils.data import open_dataset
+from pigeon_utils.generation import SamplingConfig
+from pigeon_utils.model import PigeonModel, PigeonModelConfig
+from pigeon_utils.sweep import InferenceConfig, run_sweep
+torch.set_num_threads(1)
+backbone = load_smoke(Path({smoke!r}))
+torch.manual_seed(0)  # as the `world` fixture initialises its model
+model = PigeonModel(backbone, PigeonModelConfig(adapter_hidden=16, mask_feedforward=32)).eval()
+cfg = InferenceConfig(ref_mask_ratios=(0.0, 1.0), batch_size=2, seed=3, num_inference_steps=2,
+                      sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=8))
+run_sweep(model, open_dataset(DATA, "movie"), "test", Path({out!r}), cfg, max_samples=5, progress=False)
+"""
+
+
+def test_sweep_shards_across_processes(world, tmp_path):
+    """Two processes (torchrun, gloo) share the sweep's batches; the merged index and every image equal a
+    single-process run's."""
+    import os
+    import subprocess
+    import sys
+
+    from test_sft import REPO, _free_port
+
+    from pigeon_utils.generation import SamplingConfig
+    from pigeon_utils.sweep import InferenceConfig, run_sweep
+
+    model, ds = world
+    smoke = Path(model.backbone.checkpoint_dir)
+    cfg = InferenceConfig(ref_mask_ratios=(0.0, 1.0), batch_size=2, seed=3, num_inference_steps=2,
+                          sampling=SamplingConfig(min_new_tokens=2, max_new_tokens=8))
+    run_sweep(model, ds, "test", tmp_path / "one", cfg, max_samples=5, progress=False)
+    script = tmp_path / "shard.py"
+    script.write_text(SHARD_SCRIPT.format(tests=str(Path(__file__).parent), smoke=str(smoke),
+                                          out=str(tmp_path / "two")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "--master_addr=127.0.0.1", str(script)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert not list((tmp_path / "two").glob("index.part-*.json"))  # the shards were merged and removed
+    one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert sorted(one) == sorted(two) and [k for k in one if one[k] != two[k]] == []
