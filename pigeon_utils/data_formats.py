@@ -229,6 +229,86 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
+# ------------------------------------------------------------------------------------- DPO preference files
+# (imported by name from here, e.g. by pigeon_utils.preference; not in __all__, which pigeon_utils.data re-exports)
+def preference_file_names(split: str) -> tuple[str, str]:
+    """The logical files of a split's DPO data (docs/algorithm.md §4.2, §6.3), as ``select_scores_dpo.ipynb`` names
+    them: ``dpo/<split>_preference_data`` (uid -> target -> gid -> {'chosen', 'rejected'} LMM token ids) and
+    ``dpo/<split>`` (the windows that have a pair, uid -> gid -> [5 history iids + target])."""
+    return f"dpo/{split}_preference_data", f"dpo/{split}"
+
+
+def save_preference_files(data_path: Path | str, split: str, preference_data: dict, windows: dict, *,
+                          upstream: bool = False) -> list[Path]:
+    """Write a split's DPO files into `data_path` (a ``processed_seq`` folder): always the safe twins
+    (``dpo/<split>_preference_data.safetensors``, one int64 tensor per token sequence, and ``dpo/<split>.json``);
+    with ``upstream=True`` also the ``.npy`` pickles the reference's ``finetune_dpo.py`` reads, its token sequences
+    as int64 CPU tensors (the reference slices them with ``[1:]`` and calls ``.to(device)``). Returns the files."""
+    import torch
+
+    data_path = Path(data_path)
+    pref_name, win_name = preference_file_names(split)
+    written = [save_safe(data_path, pref_name, preference_data), save_safe(data_path, win_name, windows)]
+    if upstream:
+        as_tensors = {u: {t: {g: {k: torch.as_tensor(np.asarray(v, dtype=np.int64)) for k, v in pair.items()}
+                              for g, pair in per_g.items()} for t, per_g in per_t.items()}
+                      for u, per_t in preference_data.items()}
+        for name, obj in ((pref_name, as_tensors), (win_name, windows)):
+            save_upstream_npy(data_path / f"{name}.npy", obj)
+            written.append(data_path / f"{name}.npy")
+    return written
+
+
+def _ints(value: Any, where: str) -> list[int]:
+    """A token sequence or window (list, numpy array or tensor of a pickle) as a list of ints."""
+    a = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
+        raise DataError(f"{where}: expected a flat sequence of integer ids, got {str(value)[:80]!r} "
+                        f"(dtype {a.dtype})")
+    return [int(x) for x in a.reshape(-1).tolist()]
+
+
+def load_preference_files(data_path: Path | str, split: str, trust_pickle: bool = False) -> tuple[dict, dict]:
+    """Read a split's DPO files (:func:`preference_file_names`; safe format first, an upstream ``.npy`` pickle only
+    with ``trust_pickle=True``) as plain ``(preference_data, windows)`` with int keys and int lists. A structure
+    other than expected raises :class:`DataError` naming the file and key."""
+    data_path = Path(data_path)
+    pref_name, win_name = preference_file_names(split)
+    raw_pref = read_file(data_path, pref_name, trust_pickle)
+    raw_win = read_file(data_path, win_name, trust_pickle)
+    where = f"{data_path}/{pref_name}"
+    if not isinstance(raw_pref, dict):
+        raise DataError(f"{where}: expected a dict uid -> target -> gid -> pair, got {type(raw_pref).__name__}")
+    pref: dict = {}
+    for uid, per_t in raw_pref.items():
+        if not isinstance(per_t, dict):
+            raise DataError(f"{where}: uid {uid} maps to {type(per_t).__name__}, expected a dict target -> gid -> pair")
+        for tgt, per_g in per_t.items():
+            if not isinstance(per_g, dict):
+                raise DataError(f"{where}: uid {uid}, target {tgt} maps to {type(per_g).__name__}, expected a dict "
+                                "gid -> pair")
+            for gid, pair in per_g.items():
+                at = f"{where}: uid {uid}, target {tgt}, gid {gid}"
+                if not isinstance(pair, dict) or {"chosen", "rejected"} - set(pair):
+                    raise DataError(f"{at}: expected a dict with 'chosen' and 'rejected' token sequences")
+                pref.setdefault(int(uid), {}).setdefault(int(tgt), {})[int(gid)] = {
+                    k: _ints(pair[k], f"{at}, {k!r}") for k in ("chosen", "rejected")}
+    where = f"{data_path}/{win_name}"
+    if not isinstance(raw_win, dict):
+        raise DataError(f"{where}: expected a dict uid -> gid -> windows, got {type(raw_win).__name__}")
+    windows: dict = {}
+    for uid, per_g in raw_win.items():
+        if not isinstance(per_g, dict):
+            raise DataError(f"{where}: uid {uid} maps to {type(per_g).__name__}, expected a dict gid -> windows")
+        for gid, ws in per_g.items():
+            if not isinstance(ws, (list, tuple, np.ndarray)):
+                raise DataError(f"{where}: uid {uid}, gid {gid} maps to {type(ws).__name__}, expected a list of "
+                                "windows")
+            windows.setdefault(int(uid), {})[int(gid)] = [_ints(w, f"{where}: uid {uid}, gid {gid}, window #{k}")
+                                                          for k, w in enumerate(ws)]
+    return pref, windows
+
+
 __all__ = [
     "DataError",
     "MissingDataError",
