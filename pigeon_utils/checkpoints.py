@@ -18,13 +18,13 @@ from typing import Optional
 
 from pigeon_utils.model import PigeonModel, PigeonModelConfig
 
-__all__ = ["MODEL_CONFIG_FILE", "STAGES", "read_model_config", "load_pigeon_model", "load_mask_generator",
+__all__ = ["MODEL_CONFIG_FILE", "STAGES", "stage1_model", "read_model_config", "load_pigeon_model", "load_mask_generator",
            "newest_model", "UPSTREAM_LAYOUTS", "UpstreamLayoutError", "UpstreamCheckpoint", "find_upstream_checkpoint",
            "read_upstream_weights", "upstream_model_config", "load_upstream_model", "load_any_model"]
 
 MODEL_CONFIG_FILE = "pigeon_model.json"
 #: the trained stages a run directory can hold, newest first: (label, folder under run_dir)
-STAGES = (("Stage 1 (SFT)", "sft/best"),)
+STAGES = (("Stage 2 (DPO)", "dpo/best"), ("Stage 1 (SFT)", "sft/best"))
 
 
 def read_model_config(folder: Path | str) -> PigeonModelConfig:
@@ -268,3 +268,14 @@ def load_any_model(backbone, folder: Path | str, stage1_dir: Path | str | None =
     if (Path(folder) / MODEL_CONFIG_FILE).is_file():
         return load_pigeon_model(backbone, folder)
     return load_upstream_model(backbone, folder, stage1_dir=stage1_dir)
+
+
+def stage1_model(run, backbone, folder: Path | str | None = None):
+    """The Stage-1 model a later stage starts from: `folder` (ours, or the authors' released Stage-1 checkpoint,
+    :func:`load_any_model`) or ``run_dir/sft/best``. Returns ``(model, folder)``; a missing folder is a
+    FileNotFoundError that says what to run or pass."""
+    path = Path(folder) if folder else run.run_dir / "sft" / "best"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no Stage-1 model here — run notebook 03 (Stage 1) first, or pass the "
+                                f"folder of a Stage-1 model (ours, or the authors' checkpoint-N/) as sft_dir")
+    return load_any_model(backbone, path), path

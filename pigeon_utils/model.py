@@ -307,6 +307,21 @@ class PigeonModel(nn.Module):
         loss_sum = F.cross_entropy(logits, labels[sel], reduction="sum")
         return PigeonOutput(loss_sum=loss_sum, num_tokens=sel.sum(), keep=keep)
 
+    def sequence_log_probs(self, inputs_embeds: Tensor, seq: AssembledBatch) -> Tensor:
+        """Per row, the summed log-probability of its supervised tokens (``seq.labels``), [B] float32: the
+        full-vocabulary log-softmax of the LMM + LoRA on ``inputs_embeds`` [B, T, D] — the sequence score of
+        DPO (docs/algorithm.md §4.4); ``−Σ`` over rows is :meth:`forward`'s ``loss_sum`` on the same inputs."""
+        base = self.lmm.get_base_model()
+        h = base.model(inputs_embeds=inputs_embeds, attention_mask=seq.attention_mask,
+                       position_ids=seq.position_ids, use_cache=False).last_hidden_state
+        labels = seq.labels[:, 1:]
+        sel = labels != IGNORE_INDEX
+        logits = base.lm_head(h[:, :-1][sel]).float()
+        token_lp = -F.cross_entropy(logits, labels[sel], reduction="none")
+        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[sel]
+        out = torch.zeros(labels.shape[0], dtype=token_lp.dtype, device=token_lp.device)
+        return out.index_add(0, rows, token_lp)
+
     # ----------------------------------------------------------------------------------------- images
     @torch.no_grad()
     def decode(self, codes: Sequence[Tensor], generator: Optional[torch.Generator] = None, **kw) -> Tensor:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PREFERENCE_VERSION", "SELECTION_RULE", "EmptyPreferenceSetError", "PreferencePair", "PreferenceSet",
            "build_pairs", "upstream_tokens", "codes_from_upstream", "to_upstream", "from_upstream", "write_upstream",
-           "read_upstream"]
+           "read_upstream", "preference_data"]
 
 PREFERENCE_VERSION = 1
 _KIND = "pigeon-preference-pairs"
@@ -388,3 +388,24 @@ def read_upstream(data_path: Path | str, ds, layout: IdLayout, split: str, trust
     upstream pickles only with ``trust_pickle=True``) as a :class:`PreferenceSet` (:func:`from_upstream`)."""
     pref, windows = load_preference_files(data_path, split, trust_pickle)
     return from_upstream(pref, windows, ds, layout, split, keep_identical=keep_identical)
+
+
+# ------------------------------------------------------------------------------------------------- from a model
+def preference_data(model, ds, split: str, out_dir: Path | str, cfg, clip, *, max_samples: Optional[int] = None,
+                    model_label: str = "", resume: bool = True, progress: bool = True):
+    """Notebook 04 for one split: the α_r sweep of `model` over the first `max_samples` samples
+    (:func:`pigeon_utils.sweep.run_sweep`, resumable, shared across processes when launched on several), its scores
+    (`clip`: a :class:`~pigeon_utils.scoring.ClipScorer`) and its pairs, saved as ``<out_dir>/scores.json`` and
+    ``<out_dir>/pairs.json``. Returns ``(PreferenceSet, SweepResult, SweepScores)``."""
+    from pigeon_utils.scoring import score_sweep
+    from pigeon_utils.sweep import run_sweep
+
+    out_dir = Path(out_dir)
+    res = run_sweep(model, ds, split, out_dir, cfg, max_samples=max_samples, model_label=model_label, resume=resume,
+                    progress=progress)
+    scores = score_sweep(res.index, out_dir, ds, clip, progress=progress)
+    scores.save(out_dir / "scores.json")
+    pset = build_pairs(res.index, scores)
+    pset.check_against(ds, split)
+    pset.save(out_dir / "pairs.json")
+    return pset, res, scores

@@ -31,7 +31,7 @@ from torch import Tensor
 
 __all__ = ["SELECT_WEIGHT", "history_cis", "reference_cs", "combined_score", "mean_se",
            "ClipScorer", "load_clip", "SweepScores", "score_sweep", "Selection", "select_per_sample", "select_on_validation",
-           "select_protocols"]
+           "select_protocols", "load_run_clip"]
 
 #: weight of the reference CS in the selection score (``select_ratio = 0.5`` upstream)
 SELECT_WEIGHT = 0.5
@@ -253,3 +253,16 @@ def select_protocols(scores: dict[str, SweepScores], split: str, select_split: s
     if select_split in scores and select_split != split:
         out["honest"] = select_on_validation(scores[select_split], scores[split], weight)
     return out
+
+
+def load_run_clip(run, text_tokenizer=None, *, clip_preset: Optional[str] = None, clip_path=None,
+                  device="cpu") -> ClipScorer:
+    """The CLIP a run scores with: its own world's (:func:`load_clip`), or with ``clip_preset="toy"`` the toy CLIP
+    from the toy world's checkpoint folder — for smoke runs of the real code path on toy images."""
+    from pigeon_utils.paths import REPO_ROOT
+    from pigeon_utils.worlds import world
+
+    preset = clip_preset or run.preset
+    if preset == run.preset:
+        return load_clip(preset, run.checkpoint_dir, text_tokenizer=text_tokenizer, clip_path=clip_path, device=device)
+    return load_clip(preset, REPO_ROOT / world(preset).checkpoint_dir, clip_path=clip_path, device=device)

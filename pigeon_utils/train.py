@@ -40,8 +40,8 @@ from pigeon_utils.atomic import atomic_dir, atomic_write_text
 from pigeon_utils.batching import EpochSampler
 from pigeon_utils.seeds import step_seed
 
-__all__ = ["TrainConfig", "Stage", "TrainResult", "make_accelerator", "train", "evaluate_loss", "latest_checkpoint",
-           "linear_schedule", "CHECKPOINT_PREFIX"]
+__all__ = ["TrainConfig", "Stage", "TrainResult", "make_accelerator", "train", "evaluate", "evaluate_loss",
+           "latest_checkpoint", "linear_schedule", "CHECKPOINT_PREFIX"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -101,11 +101,15 @@ class Stage:
     ``name``: the progress bar's label; ``config``: a :class:`TrainConfig`; ``model``: a module with
     ``save_pretrained(folder)`` and ``load_trained(folder)``; ``train_set`` / ``valid_set``: map-style datasets;
     ``train_collate`` / ``valid_collate``: their collators (an ``epoch`` attribute, when present, is set at every
-    epoch); ``config_file``: the name the config is written under in the output folder.
+    epoch); ``config_file``: the name the config is written under in the output folder. ``average_info``: False
+    (default) logs a training step's ``info`` as the stage returns it and validation's loss alone; True says that
+    ``info``'s values are means over the batch's ``num`` items, and the loop logs their mean over the global batch
+    at every step and over the validation set with the validation loss (both weighted by ``num``).
     """
 
     name: str = "train"
     config_file: str = "train_config.json"
+    average_info: bool = False
     config: TrainConfig
     model: Any
     train_set: Any
@@ -220,20 +224,42 @@ def _load(path: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------- the loop
+def _weighted_info(info: dict, n: Tensor, device) -> Tensor:
+    """``info``'s values (sorted by key) × `n`, as float64 [K] (the numerators of a weighted mean)."""
+    return torch.stack([torch.as_tensor(info[k], dtype=torch.float64, device=device).detach().reshape(())
+                        for k in sorted(info)]) * n.to(device=device, dtype=torch.float64)
+
+
 @torch.no_grad()
-def evaluate_loss(stage: Stage, model, loader, accelerator) -> float:
-    """Token-averaged validation loss of `stage` over `loader`, in eval mode: the same number on every call for
-    the same weights (the stage's validation draws depend on the batch's position only)."""
+def evaluate(stage: Stage, model, loader, accelerator) -> tuple[float, dict]:
+    """``(loss, info)`` of `stage` over `loader`, in eval mode: the token-averaged validation loss and, for a stage
+    with ``average_info``, its ``info`` averaged over the validation set (weighted by each batch's ``num``; else
+    ``{}``). The same numbers on every call for the same weights (the stage's validation draws depend on the
+    batch's position only)."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    keys, info_sum = None, None
     for j, batch in enumerate(loader):
         with accelerator.autocast():
-            loss_sum, n, _ = stage.loss(model, batch, j, train=False)
+            loss_sum, n, info = stage.loss(model, batch, j, train=False)
         total += torch.stack([loss_sum.detach().double(), n.double()])
+        if stage.average_info and info:
+            keys = sorted(info)
+            w = _weighted_info(info, n, accelerator.device)
+            info_sum = w if info_sum is None else info_sum + w
     total = accelerator.reduce(total, "sum")
     model.train(was_training)
-    return float(total[0] / total[1].clamp_min(1))
+    out = {}
+    if info_sum is not None:
+        info_sum = accelerator.reduce(info_sum, "sum")
+        out = dict(zip(keys, (info_sum / total[1].clamp_min(1)).tolist()))
+    return float(total[0] / total[1].clamp_min(1)), out
+
+
+def evaluate_loss(stage: Stage, model, loader, accelerator) -> float:
+    """The validation loss of :func:`evaluate` alone."""
+    return evaluate(stage, model, loader, accelerator)[0]
 
 
 def train(stage: Stage, out_dir: Path | str, accelerator, *, resume: bool | str | Path = True,
@@ -316,8 +342,8 @@ def train(stage: Stage, out_dir: Path | str, accelerator, *, resume: bool | str 
         accelerator.wait_for_everyone()
 
     def run_eval():
-        val = evaluate_loss(stage, pmodel, valid_dl, accelerator)
-        state["log"]["valid"].append({"step": state["step"], "loss": val})
+        val, val_info = evaluate(stage, pmodel, valid_dl, accelerator)
+        state["log"]["valid"].append({"step": state["step"], "loss": val, **val_info})
         if state["best_val"] is None or val < state["best_val"]:
             state["best_val"], state["best_step"], state["bad_evals"] = val, state["step"], 0
             if main:
@@ -357,6 +383,9 @@ def train(stage: Stage, out_dir: Path | str, accelerator, *, resume: bool | str 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss = float(accelerator.reduce(loss_sum.detach().float(), "sum") / n_global)
+            if stage.average_info and info:  # the global batch's means, weighted by each process's num
+                w = accelerator.reduce(_weighted_info(info, n_tokens, accelerator.device), "sum") / n_global
+                info = dict(zip(sorted(info), w.tolist()))
             state["step"] += 1
             state["batch_in_epoch"] += 1
             steps_this_call += 1

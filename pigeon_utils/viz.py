@@ -259,3 +259,44 @@ def selection_text(summaries: dict[str, dict]) -> str:
     """One line per α_r-selection protocol (:meth:`~pigeon_utils.scoring.Selection.summary`)."""
     return "\n".join(f"{name:7s} {s['protocol']}: CIS {s['history_cis']:.2f}, CS {s['reference_cs']:.2f}, "
                      f"0.5·CS+0.5·CIS {s['score']:.2f}; α_r used: {s['ratio_counts']}" for name, s in summaries.items())
+
+
+# ------------------------------------------------------------------------------------------------- notebook 04
+def pair_gallery(ds, folder: Path | str, index: dict, pairs: Sequence, suptitle: str):
+    """One row per preference pair: history | reference | chosen | rejected, with their α_r and history CIS."""
+    imgs, titles = [], []
+    for p in pairs:
+        imgs += sweep_rows(ds, folder, index, p.index, ratios=[p.chosen_ratio, p.rejected_ratio])
+        titles += [f"history {j + 1}" for j in range(5)] + ["reference",
+                                                            f"chosen α_r={p.chosen_ratio:.1f}\nCIS {p.chosen_cis:.1f}",
+                                                            f"rejected α_r={p.rejected_ratio:.1f}\nCIS {p.rejected_cis:.1f}"]
+    return image_grid(imgs, titles, ncols=8, size=1.4, suptitle=suptitle)
+
+
+def pair_summary(psets: dict) -> str:
+    """Per split: samples, pairs kept, pairs dropped as identical, and the history-CIS margin (mean, min–max)."""
+    lines = [f"{'split':8s}{'samples':>9s}{'pairs':>7s}{'identical (dropped)':>21s}{'CIS margin: mean':>18s}{'min–max':>14s}"]
+    for split, ps in psets.items():
+        m = ps.margins()
+        lines.append(f"{split:8s}{ps.counts['samples']:>9d}{ps.counts['pairs']:>7d}{ps.counts['dropped_identical']:>21d}"
+                     f"{m.mean():>18.2f}{f'{m.min():.1f}–{m.max():.1f}':>14s}")
+    return "\n".join(lines)
+
+
+def margin_histogram(psets: dict):
+    """The distribution of history-CIS margins (chosen − rejected) per split."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for split, ps in psets.items():
+        ax.hist(ps.margins(), bins=20, alpha=0.6, label=f"{split} ({len(ps)} pairs)")
+    ax.set_xlabel("history CIS, chosen − rejected")
+    ax.set_ylabel("pairs")
+    ax.legend(fontsize=8)
+    ax.set_title("preference margins", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def value_counts(values) -> dict:
+    """How often each value occurs, sorted by value (e.g. the α_r a set of pairs came from)."""
+    c = Counter(values)
+    return {k: c[k] for k in sorted(c)}

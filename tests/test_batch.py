@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import NOTEBOOK_SMOKE
+from conftest import NOTEBOOK_PREREQUISITES, NOTEBOOK_SMOKE
 
 from pigeon_utils.batch import BatchError, list_notebooks, run_batch
 
@@ -34,6 +34,8 @@ def test_every_notebook_has_smoke_parameters():
 @pytest.mark.parametrize("number", [n for n in sorted(NOTEBOOK_SMOKE) if n != "01"])
 def test_notebook_runs_in_toy_mode(tmp_path, number):
     scenario = "movie" if number == "03" else "sticker"
+    for before in NOTEBOOK_PREREQUISITES.get(number, []):  # what this notebook reads, in smoke size
+        run_batch("toy", scenario, tmp_path / "run", only=[before], parameters=NOTEBOOK_SMOKE[before])
     outs = run_batch("toy", scenario, tmp_path / "run", only=[number], parameters=NOTEBOOK_SMOKE[number])
     nb = nbformat.read(outs[0], as_version=4)
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pigeon_utils.backbone import Backbone, CheckpointError
-from conftest import NOTEBOOK_SMOKE
+from conftest import NOTEBOOK_PREREQUISITES, NOTEBOOK_SMOKE
 
 from pigeon_utils.batch import list_notebooks, run_batch
 from pigeon_utils.lavit import LaVITConfig
@@ -291,9 +291,13 @@ def test_text_tokenizer_must_put_img_on_32000(ckpt_copy: Path) -> None:
 @pytest.mark.parametrize("number", LAVIT_NOTEBOOKS)
 def test_notebook_runs_with_the_lavit_preset(tiny_dir: Path, tmp_path: Path, number: str) -> None:
     """The real code path end to end on the CPU: notebook NN with preset="lavit", the tiny checkpoint, toy images."""
+    common = {"checkpoint_dir": str(tiny_dir), "data_dir": str(REPO / "dataset" / "toy-sticker"), "device": "cpu",
+              "clip_preset": "toy"}  # no ViT-H-14 here: notebooks that need scores use the toy CLIP
+    for before in NOTEBOOK_PREREQUISITES.get(number, []):
+        run_batch("lavit", "sticker", tmp_path / "run", only=[before],
+                  parameters={**common, **NOTEBOOK_SMOKE[before]})
     outs = run_batch("lavit", "sticker", tmp_path / "run", only=[number],
-                     parameters={"checkpoint_dir": str(tiny_dir), "data_dir": str(REPO / "dataset" / "toy-sticker"),
-                                 "device": "cpu", **NOTEBOOK_SMOKE[number]})
+                     parameters={**common, **NOTEBOOK_SMOKE[number]})
     assert len(outs) == 1 and outs[0].is_file()
 
 
