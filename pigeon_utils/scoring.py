@@ -31,7 +31,8 @@ from torch import Tensor
 
 __all__ = ["SELECT_WEIGHT", "history_cis", "reference_cs", "combined_score", "mean_se",
            "ClipScorer", "load_clip", "SweepScores", "score_sweep", "Selection", "select_per_sample", "select_on_validation",
-           "select_protocols", "load_run_clip"]
+           "select_protocols", "load_run_clip", "paired_difference",
+           "sweep_and_score"]
 
 #: weight of the reference CS in the selection score (``select_ratio = 0.5`` upstream)
 SELECT_WEIGHT = 0.5
@@ -266,3 +267,36 @@ def load_run_clip(run, text_tokenizer=None, *, clip_preset: Optional[str] = None
     if preset == run.preset:
         return load_clip(preset, run.checkpoint_dir, text_tokenizer=text_tokenizer, clip_path=clip_path, device=device)
     return load_clip(preset, REPO_ROOT / world(preset).checkpoint_dir, clip_path=clip_path, device=device)
+
+
+def paired_difference(base: SweepScores, new: SweepScores) -> dict:
+    """How a second model's scores differ from a first's on the same samples and α_r (e.g. Stage 2 vs Stage 1):
+    per sample the difference new − base, then mean ± standard error over the samples — per α_r and for the
+    sample's mean over all α_r (``"overall"``), for history CIS and reference CS."""
+    if list(base.indices) != list(new.indices) or [round(r, 6) for r in base.ratios] != [round(r, 6) for r in new.ratios]:
+        raise ValueError("paired_difference needs two sweeps of the same samples and ratios; got "
+                         f"{len(base.indices)} vs {len(new.indices)} samples, ratios {base.ratios} vs {new.ratios}")
+    d = {"history_cis": new.cis - base.cis, "reference_cs": new.cs - base.cs}
+    return {"samples": len(base.indices),
+            "per_ratio": [{"ref_mask_ratio": r, **{k: mean_se(v[:, j]) for k, v in d.items()}}
+                          for j, r in enumerate(base.ratios)],
+            "overall": {k: mean_se(v.mean(1)) for k, v in d.items()}}
+
+
+def sweep_and_score(models: dict, ds, split: str, out_dir: Path | str, cfg, clip: ClipScorer, *,
+                    max_samples: Optional[int] = None, resume: bool = True,
+                    progress: bool = True) -> dict[str, SweepScores]:
+    """Sweep each of `models` (``{folder name: model}``) over the first `max_samples` samples of `split` with the
+    same settings (:func:`pigeon_utils.sweep.run_sweep` into ``<out_dir>/<name>/``, resumable) and score the images;
+    returns ``{name: SweepScores}`` (also saved as ``<out_dir>/<name>/scores.json``). The same samples, ratios and
+    seeds for every model, so their scores can be compared sample by sample (:func:`paired_difference`)."""
+    from pigeon_utils.sweep import run_sweep
+
+    out = {}
+    for name, model in models.items():
+        folder = Path(out_dir) / name
+        res = run_sweep(model, ds, split, folder, cfg, max_samples=max_samples, model_label=name, resume=resume,
+                        progress=progress)
+        out[name] = score_sweep(res.index, folder, ds, clip)
+        out[name].save(folder / "scores.json")
+    return out

@@ -300,3 +300,37 @@ def value_counts(values) -> dict:
     """How often each value occurs, sorted by value (e.g. the α_r a set of pairs came from)."""
     c = Counter(values)
     return {k: c[k] for k in sorted(c)}
+
+
+# ------------------------------------------------------------------------------------------------- notebook 05
+DPO_CURVES = (("loss", "DPO loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin"))
+
+
+def dpo_curves(log: dict):
+    """The DPO loss, reward accuracy and reward margin (TRL's names) per step, training and validation."""
+    fig, axes = plt.subplots(1, len(DPO_CURVES), figsize=(4 * len(DPO_CURVES), 3))
+    for ax, (key, title) in zip(axes, DPO_CURVES):
+        tr = [(e["step"], e[key]) for e in log["train"] if key in e]
+        va = [(e["step"], e[key]) for e in log["valid"] if key in e]
+        if tr:
+            ax.plot(*zip(*tr), color="#bbbbbb", lw=0.8, label="train (per batch)")
+        if va:
+            ax.plot(*zip(*va), "o-", color="#dd8452", label="validation pairs")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def paired_table(diff: dict, names: tuple[str, str]) -> str:
+    """:func:`pigeon_utils.scoring.paired_difference` as a table: per α_r and overall, the mean ± SE of the
+    per-sample difference ``names[1] − names[0]`` in history CIS and reference CS."""
+    f = lambda d: f"{d['mean']:+.2f} ± {d['se']:.2f}"  # noqa: E731
+    lines = [f"{names[1]} − {names[0]} on {diff['samples']} held-out samples (per-sample paired difference, "
+             "mean ± SE)", f"{'α_r':>7s}{'history CIS':>18s}{'reference CS':>18s}"]
+    lines += [f"{p['ref_mask_ratio']:>7.1f}{f(p['history_cis']):>18s}{f(p['reference_cs']):>18s}"
+              for p in diff["per_ratio"]]
+    o = diff["overall"]
+    lines.append(f"{'all':>7s}{f(o['history_cis']):>18s}{f(o['reference_cs']):>18s}")
+    return "\n".join(lines)

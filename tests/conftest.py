@@ -24,11 +24,14 @@ NOTEBOOK_SMOKE = {
            "max_new_tokens": 12, "min_new_tokens": 1},
     "04": {"max_samples": 8, "train_samples": 4, "valid_samples": 2, "ref_mask_ratios": [0.0, 0.5, 1.0],
            "batch_size": 2, "max_new_tokens": 8, "min_new_tokens": 1, "num_inference_steps": 2, "n_show": 2},
+    "05": {"max_samples": 8, "max_steps": 2, "eval_every": 1, "batch_size": 2, "compare_samples": 2,
+           "ref_mask_ratios": [0.0, 1.0], "sweep_batch_size": 2, "max_new_tokens": 8, "min_new_tokens": 1,
+           "num_inference_steps": 2},
     "06": {"max_samples": 2, "ref_mask_ratios": [0.0, 0.5, 1.0], "batch_size": 2, "max_new_tokens": 8,
            "min_new_tokens": 1, "num_inference_steps": 2, "n_show": 2},
 }
 #: notebooks that read what earlier ones wrote: the smoke tests run those first, in the same run directory
-NOTEBOOK_PREREQUISITES = {"04": ["03"]}
+NOTEBOOK_PREREQUISITES = {"04": ["03"], "05": ["03", "04"]}
 SHARED = Path(os.environ.get("PIGEON_SHARED", REPO.parent / "shared"))
 
 

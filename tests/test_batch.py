@@ -31,15 +31,27 @@ def test_every_notebook_has_smoke_parameters():
     assert sorted(p.name[:2] for p in list_notebooks()) == sorted(NOTEBOOK_SMOKE)
 
 
-@pytest.mark.parametrize("number", [n for n in sorted(NOTEBOOK_SMOKE) if n != "01"])
+def _figures(path) -> list:
+    nb = nbformat.read(path, as_version=4)
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+
+
+@pytest.mark.parametrize("number", [n for n in sorted(NOTEBOOK_SMOKE)
+                                    if n != "01" and n not in NOTEBOOK_PREREQUISITES])
 def test_notebook_runs_in_toy_mode(tmp_path, number):
     scenario = "movie" if number == "03" else "sticker"
-    for before in NOTEBOOK_PREREQUISITES.get(number, []):  # what this notebook reads, in smoke size
-        run_batch("toy", scenario, tmp_path / "run", only=[before], parameters=NOTEBOOK_SMOKE[before])
     outs = run_batch("toy", scenario, tmp_path / "run", only=[number], parameters=NOTEBOOK_SMOKE[number])
-    nb = nbformat.read(outs[0], as_version=4)
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert images, f"notebook {number} showed no figure"
+    assert _figures(outs[0]), f"notebook {number} showed no figure"
+
+
+def test_the_stages_run_in_a_chain_in_toy_mode(tmp_path):
+    """03 → 04 → 05 in one run directory, each reading what the one before wrote (smoke sizes)."""
+    chained = sorted(set(NOTEBOOK_PREREQUISITES) | {n for v in NOTEBOOK_PREREQUISITES.values() for n in v})
+    for number in chained:
+        outs = run_batch("toy", "sticker", tmp_path / "run", only=[number], parameters=NOTEBOOK_SMOKE[number])
+        assert _figures(outs[0]), f"notebook {number} showed no figure"
+    assert (tmp_path / "run" / "preference" / "train" / "pairs.json").is_file()
+    assert (tmp_path / "run" / "dpo" / "best" / "pigeon_model.json").is_file()
 
 
 @pytest.mark.parametrize("scenario", ["sticker", "movie"])
