@@ -59,11 +59,16 @@ def load_mask_generator(folder: Path | str, hidden: int):
     return gen.eval()
 
 
-def newest_model(run, backbone, config: Optional[PigeonModelConfig] = None, seed: Optional[int] = None):
-    """The newest trained model of ``run.run_dir`` (:data:`STAGES`), else the pre-trained one.
+def newest_model(run, backbone, config: Optional[PigeonModelConfig] = None, seed: Optional[int] = None, *,
+                 model_dir: Path | str | None = None, stage1_dir: Path | str | None = None):
+    """The newest trained model of ``run.run_dir`` (:data:`STAGES`), else the pre-trained one; or, with
+    `model_dir`, that folder (ours, or the authors' checkpoint: :func:`load_any_model`, `stage1_dir` for a Stage-2
+    one).
 
     Returns ``(model, label, folder)``; ``folder`` is None for the pre-trained model, whose adapter is untrained
     (``config`` / ``seed``: its configuration and initialisation, default the preset's Stage-1 ones)."""
+    if model_dir is not None:
+        return load_any_model(backbone, model_dir, stage1_dir), f"model of {Path(model_dir).name}", Path(model_dir)
     for label, rel in STAGES:
         folder = run.run_dir / rel
         if (folder / MODEL_CONFIG_FILE).is_file():

@@ -364,7 +364,7 @@ def dpo_stage(cfg: DPOConfig, run, pairs_train: Sequence[Mapping], pairs_valid: 
               sft_dir: Path | str, backbone=None, accelerator=None, progress: bool = False) -> tuple[DPOStage, Any]:
     """``(stage, accelerator)`` as :func:`train_dpo` builds them: the policy loaded from the Stage-1 folder
     `sft_dir` (LoRA dropout 0), its pairs and collators; :attr:`DPOStage.reference` is not filled yet."""
-    from pigeon_utils.checkpoints import read_model_config
+    from pigeon_utils.checkpoints import load_upstream_model, read_model_config
     from pigeon_utils.data import open_dataset
     from pigeon_utils.worlds import load_backbone
 
@@ -373,17 +373,22 @@ def dpo_stage(cfg: DPOConfig, run, pairs_train: Sequence[Mapping], pairs_valid: 
             raise ValueError(f"{name} is empty: Stage 2 needs preference pairs ({{'index', 'chosen', 'rejected'}} "
                              f"dicts, notebook 04)")
     sft_dir = Path(sft_dir)
-    if not (sft_dir / "pigeon_model.json").is_file():
-        raise FileNotFoundError(f"{sft_dir}: no Stage-1 model here (pigeon_model.json missing); Stage 2 starts from "
-                                f"a Stage-1 model folder such as run_dir/sft/best (train Stage 1 first, notebook 03)")
+    ours = (sft_dir / "pigeon_model.json").is_file()
+    if not ours and not (sft_dir / "llama").is_dir():
+        raise FileNotFoundError(f"{sft_dir}: no Stage-1 model here (neither pigeon_model.json nor the authors' "
+                                f"checkpoint-N/llama/); Stage 2 starts from a Stage-1 model folder such as "
+                                f"run_dir/sft/best (train Stage 1 first, notebook 03) or the authors' checkpoint-N/")
     accelerator = accelerator or make_accelerator(cfg, run.device)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
     if backbone is None:
         backbone = load_backbone(run.preset, run.checkpoint_dir, device=accelerator.device)
-    mcfg = dataclasses.replace(read_model_config(sft_dir), lora_dropout=0.0)
-    model = PigeonModel(backbone, mcfg).load_trained(sft_dir).to(accelerator.device)
+    if ours:
+        mcfg = dataclasses.replace(read_model_config(sft_dir), lora_dropout=0.0)
+        model = PigeonModel(backbone, mcfg).load_trained(sft_dir).to(accelerator.device)
+    else:  # the authors' released Stage-1 checkpoint (DPOPolicy switches the LoRA dropout off)
+        model = load_upstream_model(backbone, sft_dir).to(accelerator.device)
     if cfg.gradient_checkpointing:
         model.lmm.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = DPOPolicy(model, frozen_dropout=cfg.frozen_dropout, keep_reference=not cfg.precompute_ref_log_probs)

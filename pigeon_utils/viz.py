@@ -256,9 +256,13 @@ def tradeoff_figure(scores, suptitle: str):
 
 
 def selection_text(summaries: dict[str, dict]) -> str:
-    """One line per α_r-selection protocol (:meth:`~pigeon_utils.scoring.Selection.summary`)."""
-    return "\n".join(f"{name:7s} {s['protocol']}: CIS {s['history_cis']:.2f}, CS {s['reference_cs']:.2f}, "
-                     f"0.5·CS+0.5·CIS {s['score']:.2f}; α_r used: {s['ratio_counts']}" for name, s in summaries.items())
+    """One line per α_r-selection protocol (:meth:`~pigeon_utils.scoring.Selection.summary`); says so when the
+    honest protocol is missing (it needs a second scored split)."""
+    lines = [f"{name:7s} {s['protocol']}: CIS {s['history_cis']:.2f}, CS {s['reference_cs']:.2f}, "
+             f"0.5·CS+0.5·CIS {s['score']:.2f}; α_r used: {s['ratio_counts']}" for name, s in summaries.items()]
+    if "honest" not in summaries:
+        lines.append("honest  skipped: it chooses α_r on another scored split (select_split)")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------- notebook 04

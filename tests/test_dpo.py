@@ -287,3 +287,23 @@ def test_two_process_data_parallel_matches_single_process(tmp_path, smoke, stage
             assert x == pytest.approx(y, rel=1e-4, abs=1e-4), (split, j)
     for k, v in lora_state(one.model).items():
         torch.testing.assert_close(v, two["state"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_stage2_starts_from_the_authors_stage1_checkpoint(tmp_path, smoke, stage1):
+    """The same Stage-1 weights written in the authors' layout (checkpoint-N/{mask_generator,adapter,llama}/) give
+    the same Stage-2 run as our folder."""
+    from test_upstream_checkpoints import write_stage1
+
+    from pigeon_utils.checkpoints import load_pigeon_model
+    from pigeon_utils.dpo import train_dpo
+
+    upstream = write_stage1(load_pigeon_model(load_smoke(smoke), stage1), tmp_path / "checkpoint-5")
+    pairs = read_pairs(stage1)
+    cfg = dpo_cfg(max_steps=2, eval_every=2)
+    ours = train_dpo(cfg, run_cfg(tmp_path / "a", smoke), pairs["train"], pairs["valid"], sft_dir=stage1,
+                     backbone=load_smoke(smoke), progress=False)
+    theirs = train_dpo(cfg, run_cfg(tmp_path / "b", smoke), pairs["train"], pairs["valid"], sft_dir=upstream,
+                       backbone=load_smoke(smoke), progress=False)
+    assert [e["loss"] for e in ours.log["train"]] == pytest.approx([e["loss"] for e in theirs.log["train"]], rel=1e-5)
+    a, b = lora_state(ours.model), lora_state(theirs.model)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
