@@ -52,7 +52,8 @@ class World:
     ``text_features``; ``clip_name`` names it in reports; ``generated_size``: the side generated images are resized
     to before CLIP (None: as they are). ``sft`` / ``sampling`` / ``dpo``: the world's overrides of the stage configs;
     ``preference``: how many training / validation samples notebook 04 makes preference pairs from (the paper:
-    1,000 and 200), and on how many test samples notebook 05 compares Stage 2 with Stage 1."""
+    1,000 and 200), and on how many test samples notebook 05 compares Stage 2 with Stage 1. ``sweep_samples``: how
+    many samples per split notebook 06 sweeps by default (None: all)."""
 
     name: str
     data_dirs: dict[str, str]
@@ -65,6 +66,7 @@ class World:
     sampling: dict = field(default_factory=dict)
     preference: dict = field(default_factory=lambda: dict(train_samples=1000, valid_samples=200, compare_samples=200))
     dpo: dict = field(default_factory=dict)
+    sweep_samples: Optional[int] = None
 
 
 WORLDS: dict[str, World] = {
@@ -80,6 +82,7 @@ WORLDS: dict[str, World] = {
                  model=dict(adapter_hidden=128, mask_feedforward=256)),
         sampling=dict(min_new_tokens=1, max_new_tokens=40),  # toy images have 5–25 tokens
         preference=dict(train_samples=256, valid_samples=64, compare_samples=48),
+        sweep_samples=256,  # per split: enough for the trade-off's standard errors, and the main job's 15 minutes
         # the paper's learning rate scaled as the toy SFT's (2e-3 / 1e-5); minutes on 2 CPU cores
         dpo=dict(lr=1e-3, batch_size=8, epochs=50, max_steps=300, warmup_steps=20, eval_every=25,
                  max_eval_samples=64, patience=6, seed=123, beta=0.1),
