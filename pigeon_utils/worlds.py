@@ -82,7 +82,7 @@ WORLDS: dict[str, World] = {
                  model=dict(adapter_hidden=128, mask_feedforward=256)),
         sampling=dict(min_new_tokens=1, max_new_tokens=40),  # toy images have 5–25 tokens
         preference=dict(train_samples=256, valid_samples=64, compare_samples=48),
-        sweep_samples=256,  # per split: enough for the trade-off's standard errors, and the main job's 15 minutes
+        sweep_samples=128,  # per split: the trade-off with its standard errors, within the main job's 15 minutes
         # the paper's learning rate scaled as the toy SFT's (2e-3 / 1e-5); minutes on 2 CPU cores
         dpo=dict(lr=1e-3, batch_size=8, epochs=50, max_steps=300, warmup_steps=20, eval_every=25,
                  max_eval_samples=64, patience=6, seed=123, beta=0.1),
