@@ -38,13 +38,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
-from torch import Tensor
-
-if TYPE_CHECKING:  # annotations only: pigeon_utils.masking imports this module
-    from pigeon_utils.masking import MaskScores, MutualMaskGenerator
+from torch import Tensor, nn
 
 __all__ = [
     "MASK_TYPES",
@@ -54,6 +51,7 @@ __all__ = [
     "check_ratio",
     "check_batch_shape",
     "check_layout",
+    "MaskScores",
     "KeepMask",
     "keep_count",
     "random_mask_count",
@@ -128,6 +126,15 @@ def check_layout(type_ids: Tensor, padding_mask: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # output
 # ----------------------------------------------------------------------------------------------------------
+@dataclass
+class MaskScores:
+    """Scorer outputs, all ``[B, L(, D)]``; padded positions hold zeros in ``output_embeds`` and ``cos_sim``."""
+
+    input_embeds: Tensor   #: Dropout(LN(e + PE[pos] + T[type]))
+    output_embeds: Tensor  #: Dropout(tanh(W · LN(Encoder(x))))
+    cos_sim: Tensor        #: s_i = cos(e_i, o_i)
+
+
 @dataclass
 class KeepMask:
     """Keep decisions of one batch.
@@ -267,7 +274,7 @@ def random_reference_keep(type_ids: Tensor, padding_mask: Tensor, ref_mask_ratio
 
 
 def generate_keep_mask(mask_type: str, *, type_ids: Tensor, padding_mask: Tensor, ref_mask_ratio: float = 0.0,
-                       hist_mask_ratio: float = 0.2, mask_generator: Optional[MutualMaskGenerator] = None,
+                       hist_mask_ratio: float = 0.2, mask_generator: Optional[nn.Module] = None,
                        token_embeds: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                        inference: bool = True, straight_through: bool = True, tau: float = 1.0,
                        generator: Optional[torch.Generator] = None, hist_exponential: Optional[Tensor] = None,

@@ -6,7 +6,7 @@ reference image are kept. This module holds its ``nn.Module`` side, :class:`Mutu
 visual tokens of one sample (history images, then the target/reference image), each with a sinusoidal position
 embedding (:class:`PositionalEncoding`; positions restart at 1 for every image) and a type embedding (0 pad,
 1 history, 2 target). Its contextual output ``o_i`` is compared with the raw embedding: ``s_i = cos(e_i, o_i)``
-(:class:`MaskScores`).
+(:class:`~pigeon_utils.keep.MaskScores`).
 
 The keep decisions made from these scores — keep probabilities, Gumbel top-k, the straight-through and
 reference modes, the other mask types and the layout helpers — are in :mod:`pigeon_utils.keep`;
@@ -19,7 +19,6 @@ Inputs are batched: samples are right-padded to a common length ``L``; ``padding
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import torch
@@ -27,15 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from pigeon_utils.keep import (HIST_TYPE, TARGET_TYPE, KeepMask, check_batch_shape, check_layout, check_ratio,
-                               gumbel_topk_keep, keep_probabilities)
+from pigeon_utils.keep import (HIST_TYPE, TARGET_TYPE, KeepMask, MaskScores, check_batch_shape, check_layout,
+                               check_ratio, gumbel_topk_keep, keep_probabilities)
 
 __all__ = [
     "UPSTREAM_POSITION_ROWS",
     "DEFAULT_POSITION_ROWS",
     "sinusoidal_table",
     "PositionalEncoding",
-    "MaskScores",
     "MutualMaskGenerator",
 ]
 
@@ -121,18 +119,6 @@ class PositionalEncoding(nn.Module):
                 state_dict[key] = self.pe.detach().clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# outputs
-# ----------------------------------------------------------------------------------------------------------
-@dataclass
-class MaskScores:
-    """Scorer outputs, all ``[B, L(, D)]``; padded positions hold zeros in ``output_embeds`` and ``cos_sim``."""
-
-    input_embeds: Tensor   #: Dropout(LN(e + PE[pos] + T[type]))
-    output_embeds: Tensor  #: Dropout(tanh(W · LN(Encoder(x))))
-    cos_sim: Tensor        #: s_i = cos(e_i, o_i)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -34,12 +34,7 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
-    tree = ast.parse(path.read_text(), filename=str(path))
-    typing_only = {id(n) for b in ast.walk(tree) if isinstance(b, ast.If) and _is_type_checking(b.test)
-                   for stmt in b.body for n in ast.walk(stmt)}
-    for node in ast.walk(tree):
-        if id(node) in typing_only:  # `if TYPE_CHECKING:` imports never run
-            continue
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):  # `if TYPE_CHECKING:` imports count too
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -52,11 +47,6 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
             continue
         out.update(t for t in targets if t in known and t != name)
     return out
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
