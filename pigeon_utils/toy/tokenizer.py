@@ -60,12 +60,35 @@ class ToyTokenizerConfig:
         return self.n_global + self.n_patches * self.n_shapes
 
 
-def images_to_array(images: Sequence) -> np.ndarray:
-    """PIL images or uint8 arrays -> uint8 [B, H, W, 3]."""
-    if isinstance(images, np.ndarray) and images.ndim == 4:
+#: side of the toy world's images (what the toy tokenizer and the toy CLIP read)
+IMAGE_SIZE = 64
+
+
+def _square_rgb(im, size: int) -> np.ndarray:
+    """One PIL image or uint8 [H, W, 3] array -> uint8 [size, size, 3]: upright, RGB, bicubic-resized if needed."""
+    from PIL import Image
+
+    from pigeon_utils.images import to_rgb
+
+    if not isinstance(im, Image.Image):
+        arr = np.asarray(im, dtype=np.uint8)
+        if arr.shape == (size, size, 3):
+            return arr
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"expected a PIL image or a uint8 [H, W, 3] array, got shape {arr.shape}")
+        im = Image.fromarray(np.ascontiguousarray(arr))
+    im = to_rgb(im)
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def images_to_array(images: Sequence, size: int = IMAGE_SIZE) -> np.ndarray:
+    """PIL images (any size or mode, EXIF-rotated too) or uint8 arrays -> uint8 [B, size, size, 3] (each image
+    made upright RGB by :func:`pigeon_utils.images.to_rgb`, then bicubic-resized when its size differs)."""
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:] == (size, size, 3):
         return images.astype(np.uint8, copy=False)
-    return np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, dtype=np.uint8)
-                     for im in images])
+    return np.stack([_square_rgb(im, size) for im in images])
 
 
 def _patchify(x: Tensor, p: int) -> Tensor:
@@ -130,7 +153,7 @@ class ToyVisualTokenizer(VisualTokenizer):
         """Fit the background tiles, colour centroids and per-position shape centroids on `images`."""
         cfg = ToyTokenizerConfig(**asdict(config)) if config is not None else ToyTokenizerConfig()
         gen = torch.Generator().manual_seed(seed)
-        x = torch.from_numpy(images_to_array(images)).float()
+        x = torch.from_numpy(images_to_array(images, cfg.image_size)).float()
         p, n = cfg.patch_size, cfg.n_patches
         patches = _patchify(x, p).reshape(len(x), n, -1)
         modes = _mode_patch(patches)
@@ -176,12 +199,10 @@ class ToyVisualTokenizer(VisualTokenizer):
 
     @torch.no_grad()
     def tokenize(self, images: Sequence, chunk: int = 512) -> VisualTokens:
-        """Tokenize images (vectorised over chunks of `chunk` images, to bound memory)."""
+        """Tokenize images of any size and mode, each resized to the toy's square (:func:`images_to_array`);
+        vectorised over chunks of `chunk` images, to bound memory."""
         cfg = self.config
-        arr = images_to_array(images)
-        if arr.shape[1:3] != (cfg.image_size, cfg.image_size):
-            raise ValueError(f"the toy tokenizer takes {cfg.image_size}×{cfg.image_size} images, got "
-                             f"{tuple(arr.shape[1:3])}")
+        arr = images_to_array(images, cfg.image_size)
         parts = [self._tokenize(torch.from_numpy(arr[i:i + chunk]).float()) for i in range(0, len(arr), chunk)]
         return VisualTokens(codes=[c for p in parts for c in p[0]], patch_index=[w for p in parts for w in p[1]],
                             grid=(cfg.grid, cfg.grid), patch_size=cfg.patch_size)

@@ -221,3 +221,65 @@ def launch_chromium(playwright, home: Path | None = None, headless: bool = True)
                "XDG_CACHE_HOME": str(home / ".cache")}
     return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=headless, args=CHROMIUM_ARGS,
                                       env=env)
+
+
+# ------------------------------------------------------------------------------------------------ page helpers
+# (used by tests/test_browser_playground.py; the inspector's test keeps its own copies)
+STDERR_OUTPUT = "[data-mime-type='application/vnd.jupyter.stderr']"  # error and stderr outputs in JupyterLab
+
+
+def wait_for_kernel(page, timeout: float) -> None:
+    """Wait until the notebook's kernel exists (the debugger button is enabled; data-status='idle' shows too early)."""
+    page.wait_for_selector(".jp-DebuggerBugButton[aria-disabled='false']", timeout=timeout * 1000)
+
+
+def run_all_cells(page) -> None:
+    """Run ▸ Run All Cells, through the menu bar."""
+    import re
+
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).first.click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).first.click()
+
+
+def error_outputs(page) -> list[str]:
+    """The texts of the notebook's stderr / error outputs on the page (empty when it cannot be read)."""
+    try:
+        return [t.strip() for t in page.locator(STDERR_OUTPUT).all_inner_texts() if t.strip()]
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return []
+
+
+def wait_for_visible(page, selector: str, timeout: float) -> None:
+    """Wait until `selector` is visible; fail at once when a cell shows a traceback (Run All stops there)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        loc = page.locator(selector)
+        if loc.count() and loc.first.is_visible():
+            return
+        errs = [t for t in error_outputs(page) if "Traceback (most recent call last)" in t]
+        if errs:
+            raise AssertionError(f"a notebook cell failed before {selector} showed up:\n{errs[0][-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {selector} within {timeout:.0f} s after Run All")
+        time.sleep(0.5)
+
+
+def img_bytes(img) -> bytes | None:
+    """The bytes an <img> locator shows (ipywidgets serves them as a blob: URL, new on every update)."""
+    import base64
+
+    if not img.count():
+        return None
+    b64 = img.first.evaluate("""async (img) => {
+        if (!img.src) return null;
+        const buf = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
+        let s = '';
+        for (let i = 0; i < buf.length; i += 0x8000) s += String.fromCharCode(...buf.subarray(i, i + 0x8000));
+        return btoa(s);
+    }""")
+    return base64.b64decode(b64) if b64 else None
+
+
+def kernel_idle(page) -> bool:
+    ind = page.locator(".jp-Notebook-ExecutionIndicator")
+    return not ind.count() or ind.first.get_attribute("data-status") in (None, "idle")
