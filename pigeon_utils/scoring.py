@@ -32,7 +32,7 @@ from torch import Tensor
 __all__ = ["SELECT_WEIGHT", "history_cis", "reference_cs", "combined_score", "mean_se",
            "ClipScorer", "load_clip", "SweepScores", "score_sweep", "Selection", "select_per_sample", "select_on_validation",
            "select_protocols", "load_run_clip", "paired_difference",
-           "sweep_and_score"]
+           "sweep_and_score", "optional_clip"]
 
 #: weight of the reference CS in the selection score (``select_ratio = 0.5`` upstream)
 SELECT_WEIGHT = 0.5
@@ -123,6 +123,18 @@ def load_clip(preset: str, checkpoint_dir: Path | str | None = None, *, text_tok
 
     w = world(preset)
     return ClipScorer(w.clip_loader(checkpoint_dir, text_tokenizer, clip_path, device), w.generated_size, w.clip_name)
+
+
+def optional_clip(preset: str, checkpoint_dir: Path | str | None = None, **kw) -> Optional[ClipScorer]:
+    """:func:`load_clip`, or None (after printing why) when its weights are missing — for notebooks whose scores
+    are optional."""
+    from pigeon_utils.backbone import CheckpointError
+
+    try:
+        return load_clip(preset, checkpoint_dir, **kw)
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"CLIP unavailable, scores and α_r selection skipped:\n  {err}")
+        return None
 
 
 # ------------------------------------------------------------------------------------------------- sweep
@@ -283,20 +295,20 @@ def paired_difference(base: SweepScores, new: SweepScores) -> dict:
             "overall": {k: mean_se(v.mean(1)) for k, v in d.items()}}
 
 
-def sweep_and_score(models: dict, ds, split: str, out_dir: Path | str, cfg, clip: ClipScorer, *,
+def sweep_and_score(models: dict, ds, split: str, root: Path | str, cfg, clip: ClipScorer, *,
                     max_samples: Optional[int] = None, resume: bool = True,
                     progress: bool = True) -> dict[str, SweepScores]:
-    """Sweep each of `models` (``{folder name: model}``) over the first `max_samples` samples of `split` with the
-    same settings (:func:`pigeon_utils.sweep.run_sweep` into ``<out_dir>/<name>/``, resumable) and score the images;
-    returns ``{name: SweepScores}`` (also saved as ``<out_dir>/<name>/scores.json``). The same samples, ratios and
-    seeds for every model, so their scores can be compared sample by sample (:func:`paired_difference`)."""
-    from pigeon_utils.sweep import run_sweep
+    """Sweep each of `models` (``{model key: model}``) over the first `max_samples` samples of `split` with the same
+    settings (:func:`pigeon_utils.sweep.run_sweep` into the run's shared folder
+    :func:`~pigeon_utils.sweep.sweep_folder` under `root`, resumable) and score those samples' images; returns
+    ``{key: SweepScores}``. The same samples, ratios and seeds for every model, so their scores can be compared
+    sample by sample (:func:`paired_difference`)."""
+    from pigeon_utils.sweep import first_samples, run_sweep, sweep_folder
 
     out = {}
     for name, model in models.items():
-        folder = Path(out_dir) / name
+        folder = sweep_folder(root, name, split, cfg)
         res = run_sweep(model, ds, split, folder, cfg, max_samples=max_samples, model_label=name, resume=resume,
                         progress=progress)
-        out[name] = score_sweep(res.index, folder, ds, clip)
-        out[name].save(folder / "scores.json")
+        out[name] = score_sweep(first_samples(res.index, max_samples), folder, ds, clip)
     return out

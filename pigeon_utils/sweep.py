@@ -26,7 +26,7 @@ from pigeon_utils.generation import SamplingConfig, decode_images, generate_toke
 from pigeon_utils.model import PigeonModel
 
 __all__ = ["PAPER_REF_MASK_RATIOS", "InferenceConfig", "SweepResult", "ratio_key", "run_sweep", "load_index",
-           "index_table", "finished_entries", "load_image",
+           "index_table", "finished_entries", "load_image", "sweep_folder", "first_samples",
            "keep_counts", "tokens_per_ratio"]
 
 #: α_r values of the paper's sweep (run_inf.sh)
@@ -69,8 +69,14 @@ class InferenceConfig:
 
     @classmethod
     def for_preset(cls, preset: str, sampling: Optional[dict] = None, **overrides) -> "InferenceConfig":
+        """The world's sampling settings and decoder steps (:data:`pigeon_utils.worlds.WORLDS`), with the
+        `overrides` that are not None."""
+        from pigeon_utils.worlds import world
+
+        base = {"num_inference_steps": world(preset).sweep_decoder_steps}
+        given = {k: v for k, v in overrides.items() if v is not None}
         return cls(sampling=SamplingConfig.for_preset(preset, **(sampling or {})),
-                   **{k: v for k, v in overrides.items() if v is not None})
+                   **{k: v for k, v in {**base, **given}.items() if v is not None})
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -130,6 +136,24 @@ def finished_entries(index: dict, folder: Path | str) -> tuple[list[int], list[s
     if not indices:
         raise ValueError(f"{folder}: the sweep index has no finished samples to score")
     return indices, keys, [index["samples"][str(k)] for k in indices]
+
+
+def sweep_folder(root: Path | str, model_key: str, split: str, cfg: InferenceConfig) -> Path:
+    """Where a run keeps the sweep of one model over one split: ``<root>/sweeps/<model_key>/<split>-<tag>``, the tag a
+    hash of the settings. Notebooks 05, 06 and 07 sweep into these folders, so a sample one of them generated is
+    found finished by the next (same model, split and settings) instead of generated again."""
+    import hashlib
+
+    tag = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(root) / "sweeps" / model_key / f"{split}-{tag}"
+
+
+def first_samples(index: dict, n: Optional[int]) -> dict:
+    """The index restricted to its samples with split index below `n` (None: all) — a shared folder may hold more
+    samples than a caller asked for."""
+    if n is None:
+        return index
+    return {**index, "samples": {k: e for k, e in index["samples"].items() if int(k) < n}}
 
 
 # ------------------------------------------------------------------------------------------------- sweep

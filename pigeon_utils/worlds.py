@@ -53,7 +53,10 @@ class World:
     to before CLIP (None: as they are). ``sft`` / ``sampling`` / ``dpo``: the world's overrides of the stage configs;
     ``preference``: how many training / validation samples notebook 04 makes preference pairs from (the paper:
     1,000 and 200), and on how many test samples notebook 05 compares Stage 2 with Stage 1. ``sweep_samples``: how
-    many samples per split notebook 06 sweeps by default (None: all)."""
+    many test samples notebooks 06 and 07 sweep by default, ``select_samples`` how many validation samples the
+    honest protocol chooses α_r on (None: all); ``pixel_samples``: on how many of them notebook 07 computes the
+    512-px pixel metrics (SSIM, MS-SSIM, LPIPS; None: all). ``sweep_decoder_steps``: the pixel decoder's steps in
+    an α_r sweep (None: the decoder's own default)."""
 
     name: str
     data_dirs: dict[str, str]
@@ -67,6 +70,9 @@ class World:
     preference: dict = field(default_factory=lambda: dict(train_samples=1000, valid_samples=200, compare_samples=200))
     dpo: dict = field(default_factory=dict)
     sweep_samples: Optional[int] = None
+    select_samples: Optional[int] = None
+    pixel_samples: Optional[int] = None
+    sweep_decoder_steps: Optional[int] = None
 
 
 WORLDS: dict[str, World] = {
@@ -82,7 +88,9 @@ WORLDS: dict[str, World] = {
                  model=dict(adapter_hidden=128, mask_feedforward=256)),
         sampling=dict(min_new_tokens=1, max_new_tokens=40),  # toy images have 5–25 tokens
         preference=dict(train_samples=256, valid_samples=64, compare_samples=48),
-        sweep_samples=128,  # per split: the trade-off with its standard errors, within the main job's 15 minutes
+        # the trade-off with its standard errors, within the main job's 15 minutes (docs/benchmarks.md)
+        sweep_samples=128, select_samples=64, pixel_samples=16,
+        sweep_decoder_steps=10,  # 10 DDIM steps: the same scores and factors as the decoder's 20 (docs/benchmarks.md)
         # the paper's learning rate scaled as the toy SFT's (2e-3 / 1e-5); minutes on 2 CPU cores
         dpo=dict(lr=1e-3, batch_size=8, epochs=50, max_steps=300, warmup_steps=20, eval_every=25,
                  max_eval_samples=64, patience=6, seed=123, beta=0.1),

@@ -29,11 +29,13 @@ NOTEBOOK_SMOKE = {
            "num_inference_steps": 2},
     "06": {"max_samples": 2, "ref_mask_ratios": [0.0, 0.5, 1.0], "batch_size": 2, "max_new_tokens": 8,
            "min_new_tokens": 1, "num_inference_steps": 2, "n_show": 2},
+    "07": {"max_samples": 2, "select_samples": 2, "pixel_samples": 1, "ref_mask_ratios": [0.0, 1.0], "batch_size": 2,
+           "max_new_tokens": 8, "min_new_tokens": 1, "num_inference_steps": 2, "n_show": 1},
     "08": {"max_samples": 2, "ref_mask_ratios": [0.0, 1.0], "ref_mask_ratio": 1.0, "max_new_tokens": 8,
            "min_new_tokens": 1, "num_inference_steps": 2},
 }
 #: notebooks that read what earlier ones wrote: the smoke tests run those first, in the same run directory
-NOTEBOOK_PREREQUISITES = {"04": ["03"], "05": ["03", "04"]}
+NOTEBOOK_PREREQUISITES = {"04": ["03"], "05": ["03", "04"], "07": ["03", "04", "05"]}
 SHARED = Path(os.environ.get("PIGEON_SHARED", REPO.parent / "shared"))
 
 

@@ -45,13 +45,17 @@ def test_notebook_runs_in_toy_mode(tmp_path, number):
 
 
 def test_the_stages_run_in_a_chain_in_toy_mode(tmp_path):
-    """03 → 04 → 05 in one run directory, each reading what the one before wrote (smoke sizes)."""
+    """03 → 04 → 05 → 07 in one run directory, each reading what the ones before wrote (smoke sizes)."""
     chained = sorted(set(NOTEBOOK_PREREQUISITES) | {n for v in NOTEBOOK_PREREQUISITES.values() for n in v})
     for number in chained:
         outs = run_batch("toy", "sticker", tmp_path / "run", only=[number], parameters=NOTEBOOK_SMOKE[number])
         assert _figures(outs[0]), f"notebook {number} showed no figure"
     assert (tmp_path / "run" / "preference" / "train" / "pairs.json").is_file()
     assert (tmp_path / "run" / "dpo" / "best" / "pigeon_model.json").is_file()
+    report = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())
+    assert [c["claim"] for c in report["claims"]] == [1, 2, 3]
+    assert {r["condition"] for r in report["rows"]} == {"pre-trained", "Stage 1", "Stage 2", "random masks", "no masks"}
+    assert (tmp_path / "run" / "report" / "bars.png").is_file()
 
 
 @pytest.mark.parametrize("scenario", ["sticker", "movie"])
