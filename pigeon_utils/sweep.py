@@ -73,7 +73,7 @@ class InferenceConfig:
         `overrides` that are not None."""
         from pigeon_utils.worlds import world
 
-        base = {"num_inference_steps": world(preset).sweep_decoder_steps}
+        base = {"num_inference_steps": world(preset).sweep_decoder_steps, "ref_mask_ratios": world(preset).sweep_ratios}
         given = {k: v for k, v in overrides.items() if v is not None}
         return cls(sampling=SamplingConfig.for_preset(preset, **(sampling or {})),
                    **{k: v for k, v in {**base, **given}.items() if v is not None})

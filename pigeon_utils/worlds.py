@@ -56,7 +56,8 @@ class World:
     many test samples notebooks 06 and 07 sweep by default, ``select_samples`` how many validation samples the
     honest protocol chooses α_r on (None: all); ``pixel_samples``: on how many of them notebook 07 computes the
     512-px pixel metrics (SSIM, MS-SSIM, LPIPS; None: all). ``sweep_decoder_steps``: the pixel decoder's steps in
-    an α_r sweep (None: the decoder's own default)."""
+    an α_r sweep (None: the decoder's own default); ``sweep_ratios``: the α_r of a sweep (None: the paper's eleven,
+    0, 0.1, …, 1)."""
 
     name: str
     data_dirs: dict[str, str]
@@ -73,6 +74,7 @@ class World:
     select_samples: Optional[int] = None
     pixel_samples: Optional[int] = None
     sweep_decoder_steps: Optional[int] = None
+    sweep_ratios: Optional[tuple] = None
 
 
 WORLDS: dict[str, World] = {
@@ -83,7 +85,7 @@ WORLDS: dict[str, World] = {
         backbone_loader=_toy_backbone, clip_loader=_toy_clip, clip_name="toy CLIP",
         generated_size=None,  # the toy CLIP reads the toy images' own 64 × 64
         # a run of a few minutes on 2 CPU cores; the adapter learns alone first (deviation S8)
-        sft=dict(lr=2e-3, batch_size=16, epochs=50, max_steps=600, warmup_steps=20, eval_every=50,
+        sft=dict(lr=2e-3, batch_size=16, epochs=50, max_steps=900, warmup_steps=20, eval_every=100,
                  max_eval_samples=128, patience=4, seed=123, adapter_only_steps=300,
                  model=dict(adapter_hidden=128, mask_feedforward=256)),
         sampling=dict(min_new_tokens=1, max_new_tokens=40),  # toy images have 5–25 tokens
@@ -91,6 +93,7 @@ WORLDS: dict[str, World] = {
         # the trade-off with its standard errors, within the main job's 15 minutes (docs/benchmarks.md)
         sweep_samples=128, select_samples=64, pixel_samples=16,
         sweep_decoder_steps=10,  # 10 DDIM steps: the same scores and factors as the decoder's 20 (docs/benchmarks.md)
+        sweep_ratios=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),  # every other of the paper's eleven: the main job's minutes
         # the paper's learning rate scaled as the toy SFT's (2e-3 / 1e-5); minutes on 2 CPU cores
         dpo=dict(lr=1e-3, batch_size=8, epochs=50, max_steps=300, warmup_steps=20, eval_every=25,
                  max_eval_samples=64, patience=6, seed=123, beta=0.1),
