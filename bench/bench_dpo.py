@@ -35,7 +35,7 @@ from pigeon_utils.data import open_dataset
 from pigeon_utils.dpo import DPOConfig, dpo_stage, reference_cache, train_dpo
 from pigeon_utils.preference import PreferenceSet
 from pigeon_utils.scoring import load_clip, mean_se, paired_difference, sweep_and_score
-from pigeon_utils.sweep import InferenceConfig
+from pigeon_utils.sweep import PAPER_REF_MASK_RATIOS, InferenceConfig
 from pigeon_utils.worlds import load_backbone
 
 
@@ -76,7 +76,8 @@ def main() -> None:
     pairs = {s: p.training_pairs() for s, p in psets.items()}
     ds = open_dataset(run.data_dir, run.scenario)
     clip = load_clip("toy", run.checkpoint_dir)
-    inf_cfg = InferenceConfig.for_preset("toy", seed=0)
+    # the paper's eleven α_r and the toy decoder's own 20 steps, as the recorded figures were measured
+    inf_cfg = InferenceConfig.for_preset("toy", seed=0, ref_mask_ratios=PAPER_REF_MASK_RATIOS, num_inference_steps=20)
     overrides = {"max_steps": args.max_steps} if args.max_steps else {}
     stage1 = load_pigeon_model(load_backbone("toy", run.checkpoint_dir), sft_dir)
     runs = []

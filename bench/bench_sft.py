@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--alpha-r", type=float, default=0.5, help="reference mask ratio α_r for generation")
     ap.add_argument("--test-samples", type=int, default=None, help="test samples to generate for (default all)")
     ap.add_argument("--max-steps", type=int, default=None, help="override the toy default")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="validation every N steps (default: the toy preset's, 100; the figures of 2026-11-25 used 50)")
     ap.add_argument("--seed", type=int, default=0, help="generation seed")
     ap.add_argument("--sft-seed", type=int, default=None,
                     help="SFT seed (initialisation, data order, masks; default: the toy preset's, 123)")
@@ -52,7 +54,8 @@ def main() -> None:
 
     run = config.resolve(preset="toy", scenario=args.scenario, run_dir=args.run_dir, device="cpu")
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("seed", args.sft_seed),
-                                   ("adapter_only_steps", args.adapter_only_steps)) if v is not None}
+                                   ("adapter_only_steps", args.adapter_only_steps),
+                                   ("eval_every", args.eval_every)) if v is not None}
     cfg = SFTConfig.for_preset("toy", **overrides)
     t0 = time.perf_counter()
     res = train_sft(cfg, run, resume=False)

@@ -44,7 +44,11 @@ from pigeon_utils.generation import decode_images, generate_tokens
 from pigeon_utils.scoring import load_clip, mean_se, score_sweep
 from pigeon_utils.seeds import row_seed
 from pigeon_utils.sft import SFTConfig, pretrained_model
-from pigeon_utils.sweep import InferenceConfig, run_sweep
+from pigeon_utils.sweep import PAPER_REF_MASK_RATIOS, InferenceConfig, run_sweep
+
+#: the sweep these figures were measured with: the paper's eleven α_r, the toy decoder's own 20 steps (the toy's
+#: notebook defaults are lighter: worlds.World.sweep_ratios / sweep_decoder_steps)
+PAPER_SWEEP = dict(ref_mask_ratios=PAPER_REF_MASK_RATIOS, num_inference_steps=20)
 from pigeon_utils.toy.load import load_toy_clip
 from pigeon_utils.toy.scoring import sweep_factor_scores
 from pigeon_utils.worlds import load_backbone
@@ -142,7 +146,7 @@ def main() -> None:
     ds = open_dataset(run.data_dir, run.scenario)
     samples = ds.samples("test")[: args.samples]
     cfg = InferenceConfig.for_preset("toy", sampling={"num_beams": args.num_beams}, batch_size=args.batch_size,
-                                     seed=args.seed)
+                                     seed=args.seed, **PAPER_SWEEP)
     ratios = list(cfg.ref_mask_ratios)
     print(f"model: {label}; {len(samples)} test samples of toy-{args.scenario}; {len(ratios)} ratios; "
           f"batch {cfg.batch_size}; {cfg.sampling.num_beams} beam(s); {torch.get_num_threads()} threads")
@@ -179,7 +183,7 @@ def main() -> None:
     for beams in args.tradeoff_beams:
         decoder = "plain sampling" if beams == 1 else f"beam-sample, {beams} beams"
         tcfg = InferenceConfig.for_preset("toy", sampling={"num_beams": beams}, batch_size=args.batch_size,
-                                          seed=args.seed)
+                                          seed=args.seed, **PAPER_SWEEP)
         runs = []
         for k, lab in enumerate(labels):
             if models[k] is None:

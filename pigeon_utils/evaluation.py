@@ -173,8 +173,12 @@ def evaluate_condition(cond: Condition, swept: dict, ds, evaluator, *, split: st
     chosen = select_protocols(scores, split, select_split)
     test = scores[split]
     samples = [ds.samples(split)[k] for k in test.indices]
-    out = {}
+    out: dict = {}
     for name, sel in chosen.items():
+        same = next((o for o in out.values() if o["ratios"] == [float(r) for r in sel.ratios]), None)
+        if same is not None:  # both protocols picked the same images: the same metrics
+            out[name] = {**same, "selection": sel.summary()}
+            continue
         images = [load_image(folder, index["samples"][str(k)]["images"][f"{r:.2f}"]["path"])
                   for k, r in zip(test.indices, sel.ratios)]
         out[name] = {"selection": sel.summary(), "ratios": [float(r) for r in sel.ratios], "images": images,

@@ -160,13 +160,16 @@ class Evaluator:
     def evaluate(self, generated: Sequence, targets: Sequence, histories: Sequence[Sequence],
                  target_texts: Optional[Sequence[str]] = None, history_texts: Optional[Sequence[Sequence[str]]] = None,
                  *, target_factors: Optional[Sequence[dict]] = None,
-                 history_factors: Optional[Sequence[Sequence[dict]]] = None, progress: bool = False) -> dict:
+                 history_factors: Optional[Sequence[Sequence[dict]]] = None, progress: bool = False,
+                 target_keys: Optional[Sequence] = None, history_keys: Optional[Sequence[Sequence]] = None) -> dict:
         """Every metric of :data:`pigeon_utils.metrics.METRICS` for N samples: `generated` / `targets` (PIL images
         or uint8 [H, W, 3] arrays), `histories` (N lists of K images), `target_texts` (``semantics[t]``),
         `history_texts` (N lists of K ``semantics[h_k]``); the toy's `target_factors` / `history_factors` (factor
         dicts) give its style / semantic accuracies. Returns ``{metric: result}``: per-sample metrics with
         ``per_sample``, ``mean``, ``se`` (and ``per_pair`` [N, K] for history metrics), FID with ``value`` and the
-        ``features`` it used, and unavailable ones as ``{"available": False, "reason": ...}``."""
+        ``features`` it used, and unavailable ones as ``{"available": False, "reason": ...}``. `target_keys` /
+        `history_keys` (ids of the target images and of each sample's history images) let the features of those
+        images be computed once and reused by later calls on the same samples."""
         n = len(generated)
         if n == 0 or len(targets) != n or len(histories) != n:
             raise ValueError(f"evaluate needs N ≥ 1 generated images with as many targets and history lists; got "
@@ -180,7 +183,8 @@ class Evaluator:
             if v is not None and (len(v) != n or (shape is not None and any(len(x) != shape for x in v))):
                 raise ValueError(f"{name} must have one entry per sample" + (f", {shape} each" if shape else ""))
         todo = self.availability()
-        feats = self._run(generated, targets, histories, k, todo, progress)
+        keys = (target_keys, history_keys) if target_keys is not None and history_keys is not None else None
+        feats = self._run(generated, targets, histories, k, todo, progress, keys)
         res = {key: unavailable(key, reason) for key, reason in todo.items() if reason is not None}
 
         if self.clip is not None:
@@ -191,12 +195,15 @@ class Evaluator:
             if target_texts is None:
                 res["clip_score"] = unavailable("clip_score", "no target texts were given (target_texts=...)")
             else:
-                res["clip_score"] = summarize("clip_score", cosine_scores(g, self.clip.text_features(target_texts)))
+                tt = self._cached("clip_tt", target_keys, list(target_texts), self.clip.text_features)
+                res["clip_score"] = summarize("clip_score", cosine_scores(g, tt))
             if history_texts is None:
                 res["hist_clip_score"] = unavailable("hist_clip_score",
                                                      "no history texts were given (history_texts=...)")
             else:
-                ht = self.clip.text_features([s for hs in history_texts for s in hs]).view(n, k, -1)
+                hk = None if history_keys is None else [key for ks in history_keys for key in ks]
+                ht = self._cached("clip_ht", hk, [s for hs in history_texts for s in hs],
+                                  self.clip.text_features).view(n, k, -1)
                 hp = pair_cosine_scores(g, ht)
                 res["hist_clip_score"] = summarize("hist_clip_score", hp.mean(1), hp)
         if todo["dino_score"] is None:
@@ -227,11 +234,25 @@ class Evaluator:
                              [[ds.semantics[i] for i in h] for h in hist],
                              target_factors=None if facts is None else [facts[s.target] for s in samples],
                              history_factors=None if facts is None else [[facts[i] for i in h] for h in hist],
-                             progress=progress)
+                             progress=progress, target_keys=[(id(ds), s.target) for s in samples],
+                             history_keys=[[(id(ds), i) for i in h] for h in hist])
 
     # ------------------------------------------------------------------------------------------ internals
-    def _run(self, generated, targets, histories, k: int, todo: dict, progress: bool) -> dict[str, Any]:
-        """Features and pair values, chunk by chunk of samples (512-px images are made per chunk only)."""
+    def _cached(self, kind: str, keys: Optional[Sequence], images: Sequence, fn) -> Tensor:
+        """``fn(images)`` [n, D], its rows remembered by ``(kind, key)`` (no keys: computed every time)."""
+        if keys is None:
+            return fn(images)
+        memo = self.__dict__.setdefault("_memo", {})
+        miss = [j for j, key in enumerate(keys) if (kind, key) not in memo]
+        if miss:
+            for j, f in zip(miss, fn([images[j] for j in miss])):
+                memo[(kind, keys[j])] = f
+        return torch.stack([memo[(kind, key)] for key in keys])
+
+    def _run(self, generated, targets, histories, k: int, todo: dict, progress: bool,
+             keys: Optional[tuple] = None) -> dict[str, Any]:
+        """Features and pair values, chunk by chunk of samples (512-px images are made per chunk only); `keys`:
+        ``(target keys, history keys)`` for :meth:`_cached`."""
         from tqdm.auto import tqdm
 
         acc: dict[str, list] = {}
@@ -247,19 +268,24 @@ class Evaluator:
             gen = [to_pil(im) for im in generated[sl]]
             tgt = [to_pil(im) for im in targets[sl]]
             hist = [to_pil(im) for hs in histories[sl] for im in hs]
+            tk = None if keys is None else list(keys[0][sl])
+            hk = None if keys is None else [key for ks in keys[1][sl] for key in ks]
             if self.clip is not None:
                 add("clip_g", self.clip.generated_features(gen))
-                add("clip_t", self.clip.generated_features(tgt))  # the paper resizes the targets too
-                add("clip_h", self.clip.image_features(hist).view(len(gen), k, -1))  # originals (§6.1)
+                # the paper resizes the targets too; the history images are the originals (§6.1)
+                add("clip_t", self._cached("clip_t", tk, tgt, self.clip.generated_features))
+                add("clip_h", self._cached("clip_h", hk, hist, self.clip.image_features).view(len(gen), k, -1))
             m = max(0, min(sl.stop, n_pix) - sl.start)  # samples of this chunk that get pixel metrics
             gen_s = resize_images(gen, self.size) if ((pixels and m) or dino or use_inception) else None
             if dino:
                 add("dino_g", self.dino.image_features(gen_s))
-                add("dino_t", self.dino.image_features(tgt))
-                add("dino_h", self.dino.image_features(hist).view(len(gen), k, -1))
+                add("dino_t", self._cached("dino_t", tk, tgt, self.dino.image_features))
+                add("dino_h", self._cached("dino_h", hk, hist, self.dino.image_features).view(len(gen), k, -1))
             if use_inception:
                 add("inc_g", self.inception.features(pixel_tensor(gen_s) / 255.0))
-                add("inc_t", self.inception.features(pixel_tensor(resize_images(tgt, self.size)) / 255.0))
+                add("inc_t", self._cached("inc_t", tk, tgt,
+                                          lambda ims: self.inception.features(pixel_tensor(resize_images(ims, self.size))
+                                                                              / 255.0)))
             if pixels and m:
                 a = pixel_tensor(gen_s[:m]).repeat_interleave(k, dim=0).to(self.device)  # g_n paired with h_{n,1…K}
                 b = pixel_tensor(resize_images(hist[:m * k], self.size)).to(self.device)

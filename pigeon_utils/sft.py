@@ -123,15 +123,15 @@ class SFTStage(Stage):
 
 def pretrained_model(run, cfg: SFTConfig, *, backbone=None, device=None) -> PigeonModel:
     """The Stage-1 starting point: the pre-trained LMM (LoRA = identity) with an adapter and a mask generator
-    freshly initialised from ``cfg.seed`` — torch's RNG is seeded, the backbone loaded unless given, then the model
-    built, as :func:`train_sft` does. ``run``: a :class:`~pigeon_utils.config.RunConfig`."""
+    freshly initialised from ``cfg.seed`` — the backbone is loaded unless given, torch's RNG seeded, then the model
+    built (so the same seed gives the same model whether or not the backbone was given), as :func:`train_sft` does. ``run``: a :class:`~pigeon_utils.config.RunConfig`."""
     from pigeon_utils.config import pick_device
     from pigeon_utils.worlds import load_backbone
 
     device = device or pick_device(run.device)
-    torch.manual_seed(cfg.seed)
-    if backbone is None:
+    if backbone is None:  # loaded before seeding: loading may draw random numbers, which would change the model
         backbone = load_backbone(run.preset, run.checkpoint_dir, device=device)
+    torch.manual_seed(cfg.seed)
     return PigeonModel(backbone, cfg.model).to(device)
 
 

@@ -217,6 +217,31 @@ def test_toy_evaluation_end_to_end(toy):
     assert res2["fid"]["value"] > 1e-3 and res2["clip_image_score"]["mean"] < 99.0
 
 
+def test_target_and_history_features_are_computed_once_per_image_and_pixel_samples_cut(toy):
+    """Several models on the same samples: the second call reuses the targets' and histories' features (same
+    results as a fresh evaluator), and ``pixel_samples`` limits SSIM / MS-SSIM to the first samples."""
+    ev, ds, samples = toy
+    gen = [ds.load_image(s.history[1]) for s in samples]
+    fresh = Evaluator("toy", clip=ev.clip, size=176).evaluate_dataset(gen, ds, samples)
+    calls = []
+    clip = ev.clip
+    spy = Evaluator("toy", clip=clip, size=176, pixel_samples=1)
+    spy.evaluate_dataset([ds.load_image(s.target) for s in samples], ds, samples)
+    orig = clip.image_features
+    clip.image_features = lambda ims: (calls.append(len(ims)), orig(ims))[1]
+    try:
+        again = spy.evaluate_dataset(gen, ds, samples)
+    finally:
+        clip.image_features = orig
+    assert calls == []  # the ten history images' features came from the first call
+    for key in ("hist_clip_image_score", "clip_image_score", "clip_score", "hist_clip_score"):
+        assert again[key]["per_sample"] == pytest.approx(fresh[key]["per_sample"], abs=1e-4), key
+    assert again["hist_ssim"]["samples"] == 1 and len(again["hist_ssim"]["per_sample"]) == 1
+    assert again["hist_ssim"]["per_sample"] == pytest.approx(fresh["hist_ssim"]["per_sample"][:1], abs=1e-6)
+    none = Evaluator("toy", clip=clip, size=176, pixel_samples=0).evaluate_dataset(gen, ds, samples)
+    assert not none["hist_ms_ssim"]["available"] and "pixel_samples=0" in none["hist_ms_ssim"]["reason"]
+
+
 # ------------------------------------------------------------------------------------------------- real world
 class _Record:
     def __init__(self):
