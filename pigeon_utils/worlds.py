@@ -85,7 +85,7 @@ WORLDS: dict[str, World] = {
         backbone_loader=_toy_backbone, clip_loader=_toy_clip, clip_name="toy CLIP",
         generated_size=None,  # the toy CLIP reads the toy images' own 64 × 64
         # a run of a few minutes on 2 CPU cores; the adapter learns alone first (deviation S8)
-        sft=dict(lr=2e-3, batch_size=16, epochs=50, max_steps=900, warmup_steps=20, eval_every=100,
+        sft=dict(lr=2e-3, batch_size=16, epochs=50, max_steps=600, warmup_steps=20, eval_every=100,
                  max_eval_samples=128, patience=4, seed=123, adapter_only_steps=300,
                  model=dict(adapter_hidden=128, mask_feedforward=256)),
         sampling=dict(min_new_tokens=1, max_new_tokens=40),  # toy images have 5–25 tokens
@@ -93,7 +93,8 @@ WORLDS: dict[str, World] = {
         # the trade-off with its standard errors, within the main job's 15 minutes (docs/benchmarks.md)
         sweep_samples=128, select_samples=64, pixel_samples=16,
         sweep_decoder_steps=10,  # 10 DDIM steps: the same scores and factors as the decoder's 20 (docs/benchmarks.md)
-        sweep_ratios=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),  # every other of the paper's eleven: the main job's minutes
+        # notebooks 05–07 sweep every other of the paper's eleven α_r (the main job's minutes); 04's pairs use all eleven
+        sweep_ratios=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
         # the paper's learning rate scaled as the toy SFT's (2e-3 / 1e-5); minutes on 2 CPU cores
         dpo=dict(lr=1e-3, batch_size=8, epochs=50, max_steps=300, warmup_steps=20, eval_every=25,
                  max_eval_samples=64, patience=6, seed=123, beta=0.1),

@@ -153,8 +153,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, backbone_factory, adapter_on
         assert any(s4[k].abs().sum() > 0 for k in lora_b)
         from pigeon_utils.model import PigeonModel
 
-        torch.manual_seed(cfg.seed)  # the initial state, as train_sft initialises it
-        init = trained_state(PigeonModel(backbone_factory(), cfg.model))
+        bb = backbone_factory()
+        torch.manual_seed(cfg.seed)  # the initial state, as train_sft initialises it (backbone loaded first)
+        init = trained_state(PigeonModel(bb, cfg.model))
         ad = [k for k in s3 if k.startswith("adapter.")]
         assert ad and all(not torch.equal(s3[k], init[k]) for k in ad)
     b2 = train_sft(cfg, run_cfg(tmp_path / "b"), backbone=backbone_factory(), progress=False, resume=True)
@@ -256,3 +257,4 @@ def test_two_process_data_parallel_matches_single_process(tmp_path, smoke_dir):
         torch.testing.assert_close(one["state"][k], two["state"][k], rtol=1e-4, atol=1e-5, msg=k)
     moved = [k for k in one["state"] if "lora_B" in k]
     assert moved and any(one["state"][k].abs().sum() > 0 for k in moved)
+
