@@ -5,7 +5,9 @@ transformers / open_clip.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,17 @@ NOTEBOOK_SMOKE = {
 #: notebooks that read what earlier ones wrote: the smoke tests run those first, in the same run directory
 NOTEBOOK_PREREQUISITES = {"04": ["03"], "05": ["03", "04"], "07": ["03", "04", "05"]}
 SHARED = Path(os.environ.get("PIGEON_SHARED", REPO.parent / "shared"))
+
+
+def browser_helpers():
+    """tests/browser/jupyterlab.py under a unique module name (a plain `import jupyterlab` would be JupyterLab)."""
+    name = "pigeon_browser_jupyterlab"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "browser" / "jupyterlab.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
 
 
 @pytest.fixture(scope="session")

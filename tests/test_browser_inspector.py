@@ -13,17 +13,16 @@ developing the harness).
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
-import importlib.util
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import browser_helpers
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = Path(os.environ.get("PIGEON_BROWSER_NOTEBOOK", REPO / "notebooks" / "02_mask_generation.ipynb"))
@@ -49,18 +48,7 @@ STDERR = "[data-mime-type='application/vnd.jupyter.stderr']"  # error and stderr
 _COUNT_RE = {part: re.compile(part + r"\D*?(\d+)\s*/\s*(\d+)", re.I) for part in ("history", "reference")}
 
 
-def _load_helpers():
-    """tests/browser/jupyterlab.py under a unique module name (a plain `import jupyterlab` would be JupyterLab)."""
-    name = "pigeon_browser_jupyterlab"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "browser" / "jupyterlab.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-jl = _load_helpers()
+jl = browser_helpers()
 
 
 def _unavailable(reason: str):
@@ -95,17 +83,7 @@ class Inspector:
 
     def overlay_png(self) -> bytes | None:
         """The bytes the overlay <img> shows (ipywidgets serves them as a blob: URL, new on every update)."""
-        img = self.root.locator(OVERLAY)
-        if not img.count():
-            return None
-        b64 = img.first.evaluate("""async (img) => {
-            if (!img.src) return null;
-            const buf = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
-            let s = '';
-            for (let i = 0; i < buf.length; i += 0x8000) s += String.fromCharCode(...buf.subarray(i, i + 0x8000));
-            return btoa(s);
-        }""")
-        return base64.b64decode(b64) if b64 else None
+        return jl.img_bytes(self.root.locator(OVERLAY))
 
     def state(self) -> tuple[str, str | None]:
         png = self.overlay_png()

@@ -13,14 +13,14 @@ Skipped without ``/usr/bin/chromium`` and ``playwright`` (``bash scripts/install
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import browser_helpers
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "08_playground.ipynb"
@@ -40,18 +40,7 @@ STATUS = ".pigeon-pg-status"
 MODEL = ".pigeon-pg-model select"
 
 
-def _load_helpers():
-    """tests/browser/jupyterlab.py under a unique module name (a plain `import jupyterlab` would be JupyterLab)."""
-    name = "pigeon_browser_jupyterlab"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "browser" / "jupyterlab.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-jl = _load_helpers()
+jl = browser_helpers()
 
 
 class Panel:
