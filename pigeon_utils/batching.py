@@ -26,12 +26,13 @@ from pigeon_utils.prompts import N_HISTORY, encode_prompt, segment_prompt
 from pigeon_utils.seeds import epoch_seed, image_seed, sample_seed
 from pigeon_utils.sequence import assemble, mask_layout
 
-__all__ = ["ImageTokenCache", "PromptDataset", "PigeonCollator", "EpochSampler", "prompt_batch", "encode_sample"]
+__all__ = ["accepts", "ImageTokenCache", "PromptDataset", "PigeonCollator", "EpochSampler", "prompt_batch", "encode_sample"]
 
 
-def _accepts_generator(fn) -> bool:
+def accepts(fn, name: str) -> bool:
+    """Whether callable `fn` takes a parameter `name` (False when its signature cannot be read)."""
     try:
-        return "generator" in inspect.signature(fn).parameters
+        return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
 
@@ -47,7 +48,7 @@ class ImageTokenCache:
     def __init__(self, ds, tokenizer, *, cache: bool = True, seed: Optional[int] = None, batch_size: int = 64):
         self.ds, self.tokenizer, self.cache, self.batch_size = ds, tokenizer, bool(cache), int(batch_size)
         self.seed = None if seed is None else int(seed)
-        self._seeded = self.seed is not None and _accepts_generator(tokenizer.tokenize)
+        self._seeded = self.seed is not None and accepts(tokenizer.tokenize, "generator")
         self._codes: dict[int, Tensor] = {}
 
     def _run(self, iids: Sequence[int]) -> list[Tensor]:

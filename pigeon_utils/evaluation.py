@@ -69,11 +69,12 @@ class ModelLoader:
     """Loads the models of :func:`find_models` one at a time, each on a backbone of its own (a Pigeon model wraps
     its backbone's LMM with LoRA in place, so two models cannot share one), keeping only the last one in memory.
     The pre-trained model is built with Stage 1's configuration and seed when the run has a Stage-1 model, as
-    :func:`pigeon_utils.sft.train_sft` built its starting point."""
+    :func:`pigeon_utils.sft.train_sft` built its starting point. `backbone`: a freshly loaded backbone the first
+    model may take (its tokenizers stay usable), which saves one load."""
 
-    def __init__(self, run, device="cpu"):
+    def __init__(self, run, device="cpu", backbone=None):
         self.run, self.device, self.folders = run, device, find_models(run)
-        self._key, self._model = None, None
+        self._key, self._model, self._spare = None, None, backbone
 
     def __call__(self, key: str):
         folder = self.folders[key]
@@ -89,7 +90,9 @@ class ModelLoader:
         from pigeon_utils.sft import SFTConfig, pretrained_model
         from pigeon_utils.worlds import load_backbone
 
-        backbone = load_backbone(self.run.preset, self.run.checkpoint_dir, device=self.device)
+        backbone, self._spare = self._spare, None
+        if backbone is None:
+            backbone = load_backbone(self.run.preset, self.run.checkpoint_dir, device=self.device)
         if folder is not None:
             return load_pigeon_model(backbone, folder)
         cfg = SFTConfig.for_preset(self.run.preset)
@@ -159,8 +162,8 @@ def sweep_condition(cond: Condition, model, ds, run, cfg, clip, *, samples: dict
         res = run_sweep(model, ds, split, folder, cfg, max_samples=n, model_label=cond.label, resume=resume,
                         progress=progress)
         index = first_samples(res.index, n)
-        out["scores"][split], out["folders"][split], out["indexes"][split] = score_sweep(index, folder, ds, clip), \
-            folder, index
+        out["scores"][split] = score_sweep(index, folder, ds, clip)
+        out["folders"][split], out["indexes"][split] = folder, index
     return out
 
 

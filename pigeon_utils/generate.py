@@ -14,7 +14,6 @@ generate_tokens` → :func:`~pigeon_utils.generation.decode_images`), fed from P
 """
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,14 +23,13 @@ import torch
 from torch import Tensor
 
 from pigeon_utils.backbone import to_uint8
-from pigeon_utils.batching import PigeonCollator
+from pigeon_utils.batching import ImageTokenCache, PigeonCollator
 from pigeon_utils.generation import SamplingConfig, decode_images, generate_tokens
 from pigeon_utils.model import PigeonBatch, PigeonModel
 from pigeon_utils.prompts import N_HISTORY, build_prompt_text, encode_prompt, segment_prompt
-from pigeon_utils.seeds import image_seed
 
 __all__ = ["PRETRAINED", "RECORD_FILE", "user_prompt_ids", "tokenize_images", "user_batch", "generate_sweep",
-           "score_images", "load_scorer", "ModelBank", "decoder_kwargs", "image_name", "run_generate"]
+           "score_images", "ModelBank", "image_name", "run_generate"]
 
 #: the label of the pre-trained model (as :func:`pigeon_utils.checkpoints.newest_model` names it)
 PRETRAINED = "pre-trained (no Stage 1)"
@@ -54,18 +52,20 @@ def user_prompt_ids(backbone, scenario: str, text: str, info: Optional[str] = No
     return encode_prompt(segment_prompt(prompt), backbone.encode_text, backbone.layout)
 
 
+class _Images:
+    """A user's images as a dataset for :class:`~pigeon_utils.batching.ImageTokenCache`: image k is ``images[k]``."""
+
+    def __init__(self, images: Sequence):
+        self.images = list(images)
+
+    def load_image(self, k: int):
+        return self.images[int(k)]
+
+
 def tokenize_images(backbone, images: Sequence, seed: int) -> list[Tensor]:
-    """Visual tokens (code ids, CPU) of `images`; a stochastic tokenizer (one taking a ``generator``) draws image
-    k from the generator of ``image_seed(seed, k)``, a deterministic one tokenizes them in one call."""
-    tok = backbone.tokenizer
-    try:
-        seeded = "generator" in inspect.signature(tok.tokenize).parameters
-    except (TypeError, ValueError):
-        seeded = False
-    if not seeded:
-        return [c.reshape(-1).long().cpu() for c in tok.tokenize(list(images)).codes]
-    return [tok.tokenize([im], generator=torch.Generator().manual_seed(image_seed(seed, k))).codes[0]
-            .reshape(-1).long().cpu() for k, im in enumerate(images)]
+    """Visual tokens (code ids, CPU) of `images`, as :class:`~pigeon_utils.batching.ImageTokenCache` tokenizes a
+    dataset's: a stochastic tokenizer draws image k from the generator of ``image_seed(seed, k)``."""
+    return ImageTokenCache(_Images(images), backbone.tokenizer, cache=False, seed=seed).codes(range(len(images)))
 
 
 class _Codes:
@@ -174,13 +174,6 @@ class ModelBank:
 
 
 # ------------------------------------------------------------------------------------------------- the command
-def decoder_kwargs(inf) -> dict:
-    """The pixel decoder's steps / guidance of an :class:`~pigeon_utils.sweep.InferenceConfig` (those not None),
-    as :func:`~pigeon_utils.sweep.run_sweep` passes them."""
-    return {k: v for k, v in (("num_inference_steps", inf.num_inference_steps),
-                              ("guidance_scale", inf.guidance_scale)) if v is not None}
-
-
 def image_name(ratio: float) -> str:
     """The file of the image at α_r = `ratio`: ``alpha_r_0.50.png``."""
     return f"alpha_r_{float(ratio):.2f}.png"
@@ -192,19 +185,6 @@ def _check_out(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / RECORD_FILE).is_file():
         raise ValueError(f"--out {out}: a folder that is not empty and holds no {RECORD_FILE}; not replacing it "
                          f"(choose a new folder)")
-
-
-def load_scorer(run, backbone, clip_preset: Optional[str] = None, clip_path=None):
-    """``(clip, None)`` — the run's CLIP (:func:`~pigeon_utils.scoring.load_run_clip`) — or ``(None, why)`` when
-    its weights are not there (scores are then reported as unavailable, never faked)."""
-    from pigeon_utils.backbone import CheckpointError
-    from pigeon_utils.scoring import load_run_clip
-
-    try:
-        return load_run_clip(run, backbone.text_tokenizer, clip_preset=clip_preset, clip_path=clip_path,
-                             device=backbone.lmm.device), None
-    except (CheckpointError, FileNotFoundError) as err:
-        return None, str(err)
 
 
 def run_generate(history: Sequence[Path | str], reference: Path | str, text: str, out: Path | str, *,
@@ -231,6 +211,7 @@ def run_generate(history: Sequence[Path | str], reference: Path | str, text: str
     from pigeon_utils.checkpoints import newest_model
     from pigeon_utils.config import pick_device, resolve
     from pigeon_utils.images import history_paths, load_image
+    from pigeon_utils.scoring import optional_clip
     from pigeon_utils.sweep import InferenceConfig
     from pigeon_utils.worlds import load_backbone
 
@@ -239,9 +220,8 @@ def run_generate(history: Sequence[Path | str], reference: Path | str, text: str
     hist_files = history_paths(history, N_HISTORY)
     files = [*hist_files, Path(reference)]
     images = [load_image(p) for p in files]
-    given = {k: v for k, v in (("num_inference_steps", num_inference_steps), ("guidance_scale", guidance_scale),
-                               ("hist_mask_ratio", hist_mask_ratio)) if v is not None}  # None: the world's defaults
-    inf = InferenceConfig.for_preset(preset, ref_mask_ratios=tuple(ratios), seed=seed, **given,
+    inf = InferenceConfig.for_preset(preset, ref_mask_ratios=tuple(ratios), seed=seed, hist_mask_ratio=hist_mask_ratio,
+                                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                      sampling=dict(num_beams=num_beams, max_new_tokens=max_new_tokens,
                                                    min_new_tokens=min_new_tokens))
     if run_dir is not None and not Path(run_dir).is_dir():
@@ -252,8 +232,9 @@ def run_generate(history: Sequence[Path | str], reference: Path | str, text: str
     prompt = user_prompt_ids(backbone, scenario, text, info)
     net, label, folder = newest_model(run, backbone, model_dir=model, stage1_dir=stage1_dir)
     codes, gen = generate_sweep(net, user_batch(backbone, images, prompt, seed), inf.ref_mask_ratios, inf.sampling,
-                                seed=seed, hist_mask_ratio=inf.hist_mask_ratio, **decoder_kwargs(inf))
-    clip, why = load_scorer(run, backbone, clip_preset, clip_path)
+                                seed=seed, hist_mask_ratio=inf.hist_mask_ratio, **inf.decoder_kwargs())
+    clip, why = optional_clip(run, backbone.text_tokenizer, clip_preset=clip_preset, clip_path=clip_path,
+                              device=backbone.lmm.device)
     cis, cs = score_images(clip, gen, images[:N_HISTORY], text) if clip is not None else (None, None)
     record = {
         "version": RECORD_VERSION,

@@ -35,7 +35,6 @@ from torch's global RNG (so an image would depend on its batch) and offers no be
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -45,7 +44,7 @@ import torch
 from torch import Tensor
 
 from pigeon_utils.backbone import to_uint8
-from pigeon_utils.batching import ImageTokenCache, prompt_batch
+from pigeon_utils.batching import ImageTokenCache, accepts, prompt_batch
 from pigeon_utils.kv_cache import SharedPrefixCache, reorder_generated, reserve_room, use_shared_prefix
 from pigeon_utils.model import PigeonBatch, PigeonModel
 from pigeon_utils.sampling import (apply_processors, beam_candidates, beam_done, beam_process, filter_logits,
@@ -118,13 +117,6 @@ class VisualOnlyLogitsProcessor:
 
 
 # ------------------------------------------------------------------------------------------------- the LMM
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def base_lm(model: PigeonModel):
     """The ``LlamaForCausalLM`` with LoRA injected in place (peft's base model)."""
     return model.lmm.get_base_model()
@@ -140,7 +132,7 @@ def _run_lm(lm, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Ten
             out = lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=True, cache=cache, shared_prefix=cache)
         return out.last_hidden_state[:, -1], cache
-    kw = "cache" if _accepts(lm.model.forward, "cache") else "past_key_values"
+    kw = "cache" if accepts(lm.model.forward, "cache") else "past_key_values"
     out = lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=True, **({kw: cache} if cache is not None else {}))
     return out.last_hidden_state[:, -1], getattr(out, kw)
@@ -172,7 +164,7 @@ def prefill(model: PigeonModel, batch: PigeonBatch, ref_mask_ratios: Sequence[fl
     cache = None
     if c > 0:
         _, cache = _run_lm(lm, x[:, :c], seq.attention_mask[:, :c], seq.position_ids[:, :c])
-        if _accepts(lm.model.forward, "cache"):  # transformers ≥ 5: read the prefix once per sample
+        if accepts(lm.model.forward, "cache"):  # transformers ≥ 5: read the prefix once per sample
             owner = torch.arange(b, device=x.device).repeat_interleave(n_r)
             cache = SharedPrefixCache.from_prefix(cache, seq.attention_mask[:, :c], owner, t - c + reserve)
         elif n_r > 1:

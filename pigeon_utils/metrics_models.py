@@ -88,6 +88,7 @@ class Evaluator:
     device: Any = "cpu"
     skipped: dict[str, str] = field(default_factory=dict)
     pixel_samples: Optional[int] = None
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (kind, key) → features
 
     def __post_init__(self):
         from pigeon_utils.worlds import world
@@ -242,7 +243,7 @@ class Evaluator:
         """``fn(images)`` [n, D], its rows remembered by ``(kind, key)`` (no keys: computed every time)."""
         if keys is None:
             return fn(images)
-        memo = self.__dict__.setdefault("_memo", {})
+        memo = self._memo
         miss = [j for j, key in enumerate(keys) if (kind, key) not in memo]
         if miss:
             for j, f in zip(miss, fn([images[j] for j in miss])):

@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pigeon_utils.generate import (ModelBank, decoder_kwargs, generate_sweep, load_scorer, score_images,
-                                   tokenize_images, user_batch, user_prompt_ids)
+from pigeon_utils.generate import (ModelBank, generate_sweep, score_images, tokenize_images, user_batch,
+                                   user_prompt_ids)
 from pigeon_utils.generation import SamplingConfig
 from pigeon_utils.images import image_from_bytes, load_image, to_rgb
 from pigeon_utils.mask_view import png_bytes
@@ -356,18 +356,19 @@ def open_playground(run, *, split: str = "test", n_samples: int = 8, sample: int
     models its run directory holds (and `model_dir`), its CLIP when available; rendered once for `sample`."""
     from pigeon_utils.config import pick_device
     from pigeon_utils.data import open_dataset
+    from pigeon_utils.scoring import optional_clip
     from pigeon_utils.sweep import InferenceConfig
     from pigeon_utils.worlds import load_backbone
 
     backbone = load_backbone(run.preset, run.checkpoint_dir, device=pick_device(run.device))
     ds = open_dataset(run.data_dir, run.scenario)
     bank = ModelBank(run, backbone, model_dir=model_dir)
-    clip, why = load_scorer(run, backbone, clip_preset, clip_path)
+    clip, why = optional_clip(run, backbone.text_tokenizer, clip_preset=clip_preset, clip_path=clip_path,
+                              device=backbone.lmm.device)
     if clip is None:
         print(f"CLIP unavailable, scores skipped:\n  {why}")
-    given = {k: v for k, v in (("num_inference_steps", num_inference_steps), ("guidance_scale", guidance_scale))
-             if v is not None}  # left out when None: the world's sweep defaults apply
-    inf = InferenceConfig.for_preset(run.preset, sampling=sampling, ref_mask_ratios=tuple(ratios), **given)
+    inf = InferenceConfig.for_preset(run.preset, sampling=sampling, ref_mask_ratios=tuple(ratios),
+                                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     return Playground(bank, ds, clip=clip, split=split, n_samples=n_samples, ratios=inf.ref_mask_ratios,
                       ref_mask_ratio=ref_mask_ratio, hist_mask_ratio=hist_mask_ratio, sampling=inf.sampling,
-                      seed=run.seed, decode_kw=decoder_kwargs(inf), sample=sample, size=size)
+                      seed=run.seed, decode_kw=inf.decoder_kwargs(), sample=sample, size=size)

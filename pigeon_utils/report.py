@@ -85,7 +85,7 @@ def curves_figure(scores: dict[str, object], title: str = "test samples"):
     return fig
 
 
-def user_gallery(ds, picks: dict[str, list], samples: Sequence, positions: Sequence[int], ncols_extra: int = 0):
+def user_gallery(ds, picks: dict[str, list], samples: Sequence, positions: Sequence[int]):
     """One row per chosen test sample (pick samples of different users): its history, the reference, then each
     condition's picked image (``picks``: label → images per test sample; ``positions``: rows of `samples`)."""
     from pigeon_utils.viz import image_grid

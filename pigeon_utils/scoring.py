@@ -125,16 +125,15 @@ def load_clip(preset: str, checkpoint_dir: Path | str | None = None, *, text_tok
     return ClipScorer(w.clip_loader(checkpoint_dir, text_tokenizer, clip_path, device), w.generated_size, w.clip_name)
 
 
-def optional_clip(preset: str, checkpoint_dir: Path | str | None = None, **kw) -> Optional[ClipScorer]:
-    """:func:`load_clip`, or None (after printing why) when its weights are missing — for notebooks whose scores
-    are optional."""
+def optional_clip(run, text_tokenizer=None, **kw) -> tuple[Optional[ClipScorer], Optional[str]]:
+    """``(clip, None)`` — the run's CLIP (:func:`load_run_clip`, `kw` passed on) — or ``(None, why)`` when its
+    weights are missing: for callers whose scores are optional (reported unavailable then, never faked)."""
     from pigeon_utils.backbone import CheckpointError
 
     try:
-        return load_clip(preset, checkpoint_dir, **kw)
+        return load_run_clip(run, text_tokenizer, **kw), None
     except (CheckpointError, FileNotFoundError) as err:
-        print(f"CLIP unavailable, scores and α_r selection skipped:\n  {err}")
-        return None
+        return None, str(err)
 
 
 # ------------------------------------------------------------------------------------------------- sweep

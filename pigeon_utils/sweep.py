@@ -78,6 +78,11 @@ class InferenceConfig:
         return cls(sampling=SamplingConfig.for_preset(preset, **(sampling or {})),
                    **{k: v for k, v in {**base, **given}.items() if v is not None})
 
+    def decoder_kwargs(self) -> dict:
+        """The pixel decoder's steps / guidance that are set (None: the decoder's own defaults)."""
+        return {k: v for k, v in (("num_inference_steps", self.num_inference_steps),
+                                  ("guidance_scale", self.guidance_scale)) if v is not None}
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["ref_mask_ratios"] = list(self.ref_mask_ratios)
@@ -241,8 +246,7 @@ def run_sweep(model: PigeonModel, ds, split: str, out_dir: Path | str, cfg: Infe
     tokens = ImageTokenCache(ds, backbone.tokenizer, seed=cfg.seed)
     ratios = cfg.ref_mask_ratios
     keys = [ratio_key(r) for r in ratios]
-    dec_kw = {k: v for k, v in (("num_inference_steps", cfg.num_inference_steps),
-                                ("guidance_scale", cfg.guidance_scale)) if v is not None}
+    dec_kw = cfg.decoder_kwargs()
     t_tok = t_dec = 0.0
     generated = 0
     mine = sum(len(todo.intersection(chunk)) for chunk in batches)

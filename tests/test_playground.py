@@ -15,7 +15,8 @@ from PIL import Image
 import pigeon_utils.generation as generation
 from pigeon_utils import config
 from pigeon_utils.data import open_dataset
-from pigeon_utils.generate import PRETRAINED, ModelBank, load_scorer
+from pigeon_utils.generate import PRETRAINED, ModelBank
+from pigeon_utils.scoring import optional_clip
 from pigeon_utils.playground import Playground
 from pigeon_utils.worlds import load_backbone
 
@@ -42,7 +43,7 @@ def pg(tmp_path_factory) -> Playground:
     _stage1(run)
     backbone = load_backbone("toy", run.checkpoint_dir)
     bank = ModelBank(run, backbone)
-    clip, why = load_scorer(run, backbone)
+    clip, why = optional_clip(run, backbone.text_tokenizer, device=backbone.lmm.device)
     assert clip is not None, why
     sampling = generation.SamplingConfig.for_preset("toy", num_beams=1, max_new_tokens=8)
     return Playground(bank, open_dataset(run.data_dir, "sticker"), clip=clip, n_samples=3, ratios=[0.0, 1.0],
