@@ -138,20 +138,19 @@ def test_smoke_recipe_names_build_fields_and_only_shrinks_the_default():
 
 def test_default_recipe_is_the_committed_checkpoints():
     """BuildConfig() is the recipe checkpoints/toy records (its retired fields at the values the build now always
-    uses), and the default command builds it (the recorded command still parses: --in-context is a no-op)."""
+    uses), and the default command builds it."""
     from pigeon_utils.toy.build import main
 
     manifest = json.loads((Path(__file__).resolve().parents[1] / "checkpoints/toy/manifest.json").read_text())
     assert config_from_recipe(manifest["recipe"]) == BuildConfig(seed=0)
-    assert manifest["command"] == "python -m pigeon_utils.toy.build --out checkpoints/toy --seed 0 --in-context"
-    assert build_command("checkpoints/toy", BuildConfig()) \
+    assert manifest["command"] == build_command("checkpoints/toy", BuildConfig()) \
         == "python -m pigeon_utils.toy.build --out checkpoints/toy --seed 0"
     with pytest.raises(ValueError, match="n_lmm_docs=5"):
         config_from_recipe({**manifest["recipe"], "n_lmm_docs": 5})
     with pytest.raises(ValueError, match="'nope'"):
         config_from_recipe({"nope": 1})
     with pytest.raises(SystemExit, match="unknown field 'nope'"):
-        main(["--out", "unused", "--in-context", "--set", "nope=1"])
+        main(["--out", "unused", "--set", "nope=1"])
 
 
 def test_manifest_command_names_the_recipe():

@@ -243,9 +243,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", type=Path, default=Path("dataset"), help="folder holding toy-sticker / toy-poster")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes and step counts (seconds), same code path")
     ap.add_argument("--no-figures", action="store_true", help="skip the evaluation figures")
-    # checkpoints/toy/manifest.json records its command with --in-context, which named the recipe that is now the
-    # default: accepted (and ignored) so that the recorded command still builds that checkpoint
-    ap.add_argument("--in-context", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override BuildConfig fields")
     a = ap.parse_args(argv)
     cfg = BuildConfig(seed=a.seed)

@@ -52,7 +52,7 @@ class BuildConfig:
     vae_steps: int = 1500
     vae_batch: int = 32
     vae_lr: float = 3e-3
-    detok_dim: int = 32
+    detok_dim: int = 64  # width of its output rows, and so of the mean Pigeon's adapter reads (docs/toy-world.md)
     unet_channels: tuple = (32, 64)
     dec_steps: int = 1600
     dec_batch: int = 32
