@@ -85,7 +85,7 @@ WORLDS: dict[str, World] = {
         backbone_loader=_toy_backbone, clip_loader=_toy_clip, clip_name="toy CLIP",
         generated_size=None,  # the toy CLIP reads the toy images' own 64 × 64
         # a run of a few minutes on 2 CPU cores; the adapter learns alone first (deviation S8)
-        sft=dict(lr=2e-3, batch_size=16, epochs=50, max_steps=600, warmup_steps=20, eval_every=100,
+        sft=dict(lr=2e-3, batch_size=16, epochs=50, max_steps=900, warmup_steps=20, eval_every=100,
                  max_eval_samples=128, patience=4, seed=123, adapter_only_steps=300,
                  model=dict(adapter_hidden=128, mask_feedforward=256)),
         sampling=dict(min_new_tokens=1, max_new_tokens=40),  # toy images have 5–25 tokens
