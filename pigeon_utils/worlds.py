@@ -91,7 +91,7 @@ WORLDS: dict[str, World] = {
         sampling=dict(min_new_tokens=1, max_new_tokens=40),  # toy images have 5–25 tokens
         preference=dict(train_samples=256, valid_samples=64, compare_samples=48),
         # the trade-off with its standard errors, within the main job's 15 minutes (docs/benchmarks.md)
-        sweep_samples=128, select_samples=64, pixel_samples=8,
+        sweep_samples=128, select_samples=64, pixel_samples=4,
         sweep_decoder_steps=10,  # 10 DDIM steps: the same scores and factors as the decoder's 20 (docs/benchmarks.md)
         # notebooks 05–07 sweep every other of the paper's eleven α_r (the main job's minutes); 04's pairs use all eleven
         sweep_ratios=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
