@@ -257,4 +257,3 @@ def test_two_process_data_parallel_matches_single_process(tmp_path, smoke_dir):
         torch.testing.assert_close(one["state"][k], two["state"][k], rtol=1e-4, atol=1e-5, msg=k)
     moved = [k for k in one["state"] if "lora_B" in k]
     assert moved and any(one["state"][k].abs().sum() > 0 for k in moved)
-
