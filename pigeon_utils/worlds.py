@@ -89,11 +89,12 @@ WORLDS: dict[str, World] = {
                  max_eval_samples=128, patience=4, seed=123, adapter_only_steps=300,
                  model=dict(adapter_hidden=128, mask_feedforward=256)),
         sampling=dict(min_new_tokens=1, max_new_tokens=40),  # toy images have 5–25 tokens
-        preference=dict(train_samples=256, valid_samples=64, compare_samples=48),
+        # pairs from 512 training samples over the six ratios: DPO's gain holds on new samples (docs/benchmarks.md)
+        preference=dict(train_samples=512, valid_samples=64, compare_samples=48),
         # the trade-off with its standard errors, within the main job's 15 minutes (docs/benchmarks.md)
         sweep_samples=128, select_samples=64, pixel_samples=4,
         sweep_decoder_steps=10,  # 10 DDIM steps: the same scores and factors as the decoder's 20 (docs/benchmarks.md)
-        # notebooks 05–07 sweep every other of the paper's eleven α_r (the main job's minutes); 04's pairs use all eleven
+        # notebooks 04–07 sweep every other of the paper's eleven α_r (the main job's minutes)
         sweep_ratios=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
         # the paper's learning rate scaled as the toy SFT's (2e-3 / 1e-5); minutes on 2 CPU cores
         dpo=dict(lr=1e-3, batch_size=8, epochs=50, max_steps=300, warmup_steps=20, eval_every=25,
