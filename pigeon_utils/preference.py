@@ -392,18 +392,23 @@ def read_upstream(data_path: Path | str, ds, layout: IdLayout, split: str, trust
 
 # ------------------------------------------------------------------------------------------------- from a model
 def preference_data(model, ds, split: str, out_dir: Path | str, cfg, clip, *, max_samples: Optional[int] = None,
-                    model_label: str = "", resume: bool = True, progress: bool = True):
+                    model_label: str = "", resume: bool = True, progress: bool = True,
+                    sweep_dir: Path | str | None = None):
     """Notebook 04 for one split: the α_r sweep of `model` over the first `max_samples` samples
-    (:func:`pigeon_utils.sweep.run_sweep`, resumable, shared across processes when launched on several), its scores
-    (`clip`: a :class:`~pigeon_utils.scoring.ClipScorer`) and its pairs, saved as ``<out_dir>/scores.json`` and
-    ``<out_dir>/pairs.json``. Returns ``(PreferenceSet, SweepResult, SweepScores)``."""
+    (:func:`pigeon_utils.sweep.run_sweep` into `sweep_dir`, default `out_dir`; resumable, shared across processes
+    when launched on several), its scores (`clip`: a :class:`~pigeon_utils.scoring.ClipScorer`) and its pairs, saved
+    as ``<out_dir>/scores.json`` and ``<out_dir>/pairs.json``. Notebook 04 passes the run's shared sweep folder
+    (:func:`~pigeon_utils.sweep.sweep_folder`), so later notebooks reuse its images. Returns
+    ``(PreferenceSet, SweepResult, SweepScores)``."""
     from pigeon_utils.scoring import score_sweep
-    from pigeon_utils.sweep import run_sweep
+    from pigeon_utils.sweep import first_samples, run_sweep
 
     out_dir = Path(out_dir)
-    res = run_sweep(model, ds, split, out_dir, cfg, max_samples=max_samples, model_label=model_label, resume=resume,
+    sweep_dir = Path(sweep_dir) if sweep_dir is not None else out_dir
+    res = run_sweep(model, ds, split, sweep_dir, cfg, max_samples=max_samples, model_label=model_label, resume=resume,
                     progress=progress)
-    scores = score_sweep(res.index, out_dir, ds, clip, progress=progress)
+    res.index = first_samples(res.index, max_samples)  # a shared folder may hold more samples than asked for
+    scores = score_sweep(res.index, sweep_dir, ds, clip, progress=progress)
     scores.save(out_dir / "scores.json")
     pset = build_pairs(res.index, scores)
     pset.check_against(ds, split)

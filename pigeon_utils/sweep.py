@@ -73,7 +73,9 @@ class InferenceConfig:
         `overrides` that are not None."""
         from pigeon_utils.worlds import world
 
-        base = {"num_inference_steps": world(preset).sweep_decoder_steps, "ref_mask_ratios": world(preset).sweep_ratios}
+        w = world(preset)
+        base = {"num_inference_steps": w.sweep_decoder_steps, "ref_mask_ratios": w.sweep_ratios,
+                "batch_size": w.sweep_batch_size}
         given = {k: v for k, v in overrides.items() if v is not None}
         return cls(sampling=SamplingConfig.for_preset(preset, **(sampling or {})),
                    **{k: v for k, v in {**base, **given}.items() if v is not None})

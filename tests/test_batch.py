@@ -51,6 +51,12 @@ def test_the_stages_run_in_a_chain_in_toy_mode(tmp_path):
         outs = run_batch("toy", "sticker", tmp_path / "run", only=[number], parameters=NOTEBOOK_SMOKE[number])
         assert _figures(outs[0]), f"notebook {number} showed no figure"
     assert (tmp_path / "run" / "preference" / "train" / "pairs.json").is_file()
+    # 04 swept Stage 1 into the run's shared folder, the one 07 reads for the same settings: one folder per split
+    pairs = json.loads((tmp_path / "run" / "preference" / "valid" / "pairs.json").read_text())
+    shared = list((tmp_path / "run" / "sweeps" / "stage1").glob("valid-*"))
+    assert len(shared) == 1, shared
+    index = json.loads((shared[0] / "index.json").read_text())
+    assert index["config"] == pairs["settings"]["sweep_config"] and len(index["samples"]) == 2
     assert (tmp_path / "run" / "dpo" / "best" / "pigeon_model.json").is_file()
     report = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())
     assert [c["claim"] for c in report["claims"]] == [1, 2, 3]

@@ -7,6 +7,7 @@ training is needed to check the mechanics).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,11 @@ def test_sweep_is_deterministic_and_resumes_after_interruption(world, tmp_path, 
     assert png.parent.name == "1.00" and Image.open(png).size == (64, 64)
     again = run_sweep(model, ds, "test", tmp_path / "a2", cfg, **kw)
     assert _files(tmp_path / "a") == _files(tmp_path / "a2")  # same seed → identical images and index
+    # the batch size changes the speed, not the images (the toy world sweeps 16 per batch)
+    other = run_sweep(model, ds, "test", tmp_path / "a3", replace(cfg, batch_size=3), **kw)
+    assert {k: v for k, v in _files(tmp_path / "a3").items() if k.endswith(".png")} == \
+        {k: v for k, v in _files(tmp_path / "a").items() if k.endswith(".png")}
+    assert other.index["samples"] == index["samples"]
 
     # interrupted after one sample, then killed while writing a PNG of the third
     b = tmp_path / "b"
