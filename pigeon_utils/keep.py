@@ -257,16 +257,22 @@ def gumbel_topk_keep(keep_prob: Tensor, group_mask: Tensor, mask_ratio: float, *
 
 
 def random_reference_keep(type_ids: Tensor, padding_mask: Tensor, ref_mask_ratio: float, *,
-                          generator: Optional[torch.Generator] = None) -> KeepMask:
+                          generator: Optional[torch.Generator] = None,
+                          exponential: Optional[Tensor] = None) -> KeepMask:
     """``mask_type='random'`` (LP:324-363): history fully kept; ``ceil(n·α_r)`` reference tokens masked,
-    chosen uniformly without replacement. Hard mask, no gradient."""
+    chosen uniformly without replacement. Hard mask, no gradient. ``exponential``: i.i.d. positive noise [B, L]
+    (a batch's per-sample Exp(1) draws) whose smallest entries pick the masked tokens — a sample's mask then does not
+    depend on its batch, and the masked sets are nested across α_r; None: uniform draws from `generator`."""
     check_layout(type_ids, padding_mask)
     r = check_ratio("ref_mask_ratio", ref_mask_ratio)
     hist = type_ids == HIST_TYPE
     target = type_ids == TARGET_TYPE
     n_t = target.sum(-1)
     m = random_mask_count(n_t, r)
-    u = torch.rand(type_ids.shape, generator=generator, device=type_ids.device)
+    if exponential is not None:
+        u = -exponential.to(type_ids.device, torch.float32)
+    else:
+        u = torch.rand(type_ids.shape, generator=generator, device=type_ids.device)
     key = torch.where(target, u, torch.full_like(u, -math.inf))
     masked = (_rank_within_rows(key) < m.unsqueeze(-1)) & target
     keep = (hist | (target & ~masked)).to(torch.float32)
@@ -283,7 +289,8 @@ def generate_keep_mask(mask_type: str, *, type_ids: Tensor, padding_mask: Tensor
 
     * ``"mutual"``: needs ``mask_generator``, ``token_embeds`` and ``position_ids``; see
       :meth:`pigeon_utils.masking.MutualMaskGenerator.forward`.
-    * ``"random"``: :func:`random_reference_keep` (``hist_mask_ratio`` is not used, as upstream).
+    * ``"random"``: :func:`random_reference_keep` (``hist_mask_ratio`` is not used, as upstream; the masked tokens
+      are those with the smallest ``target_exponential`` when it is given).
     * ``"none"``: every non-padded token kept.
     """
     if mask_type not in MASK_TYPES:
@@ -298,7 +305,8 @@ def generate_keep_mask(mask_type: str, *, type_ids: Tensor, padding_mask: Tensor
                               straight_through=straight_through, tau=tau, generator=generator,
                               hist_exponential=hist_exponential, target_exponential=target_exponential)
     if mask_type == "random":
-        return random_reference_keep(type_ids, padding_mask, ref_mask_ratio, generator=generator)
+        return random_reference_keep(type_ids, padding_mask, ref_mask_ratio, generator=generator,
+                                     exponential=target_exponential)
     check_layout(type_ids, padding_mask)
     check_ratio("ref_mask_ratio", ref_mask_ratio)
     return KeepMask(keep=(~padding_mask).to(torch.float32), hist_keep_count=(type_ids == HIST_TYPE).sum(-1),

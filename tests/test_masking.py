@@ -393,6 +393,20 @@ def test_random_mask_type():
     a, b, c = (generate_keep_mask("random", type_ids=types, padding_mask=pad, ref_mask_ratio=0.5,
                                   generator=torch.Generator().manual_seed(s)).keep for s in (1, 1, 2))
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # per-sample noise (what a sweep passes): a sample's mask does not depend on its batch, and grows with α_r
+    e = torch.empty(types.shape).exponential_(generator=torch.Generator().manual_seed(3))
+    keep = {r: generate_keep_mask("random", type_ids=types, padding_mask=pad, ref_mask_ratio=r, target_exponential=e,
+                                  generator=torch.Generator().manual_seed(9)).hard for r in (0.2, 0.5, 0.8)}
+    p1, t1, d1 = layout_from_counts(counts[1:2])
+    alone = generate_keep_mask("random", type_ids=t1, padding_mask=d1, ref_mask_ratio=0.5,
+                               target_exponential=e[1:2, :t1.shape[1]]).hard
+    assert torch.equal(alone, keep[0.5][1:2, :t1.shape[1]])
+    assert bool((keep[0.8] <= keep[0.5]).all() and (keep[0.5] <= keep[0.2]).all())  # masked sets nested across α_r
+    kept_t = (keep[0.5] & (types == 2)).sum(-1).tolist()
+    assert kept_t == [n - math.ceil(n * 0.5) for n in counts[:, -1].tolist()]
+    reversed_noise = generate_keep_mask("random", type_ids=types, padding_mask=pad, ref_mask_ratio=0.5,
+                                        target_exponential=1 / e).hard
+    assert not torch.equal(reversed_noise, keep[0.5])  # the noise, not the generator, picks the tokens
 
 
 def test_none_mask_type_and_mutual_entry_point():
