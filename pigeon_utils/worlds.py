@@ -97,7 +97,7 @@ WORLDS: dict[str, World] = {
         sweep_decoder_steps=10,  # 10 DDIM steps: the same scores and factors as the decoder's 20 (docs/benchmarks.md)
         # notebooks 04–07 sweep every other of the paper's eleven α_r (the main job's minutes)
         sweep_ratios=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-        sweep_batch_size=16,  # the same images as 4 per batch, a sweep in 0.6 of the time on 2 CPU cores
+        sweep_batch_size=16,  # the same images as 4 per batch, a sweep in 0.7 of the time on 2 CPU cores
         # the paper's learning rate scaled as the toy SFT's (2e-3 / 1e-5); minutes on 2 CPU cores
         dpo=dict(lr=1e-3, batch_size=8, epochs=50, max_steps=300, warmup_steps=20, eval_every=25,
                  max_eval_samples=64, patience=6, seed=123, beta=0.1),
