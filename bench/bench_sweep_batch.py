@@ -12,7 +12,6 @@ noise come from its own index (docs/algorithm.md §5), so only the speed may dif
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 from pathlib import Path
 
@@ -22,12 +21,12 @@ from pigeon_utils import config
 from pigeon_utils.checkpoints import stage1_model
 from pigeon_utils.data import open_dataset
 from pigeon_utils.sweep import InferenceConfig, run_sweep
+from pigeon_utils.toy.io import sha256
 from pigeon_utils.worlds import load_backbone
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*.png"))}
+    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*.png"))}
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ Stage-1 starting point), Stage 1, Stage 2 and two ablations of the newest model 
 inference by random reference masks (``mask_type="random"``: history kept, ``ceil(n·α_r)`` reference tokens dropped
 at random) and by no masks at all (``mask_type="none"``: everything kept, so α_r has no effect and one image per
 sample is made). Each row sweeps α_r over the test samples and over validation samples
-(:func:`pigeon_utils.sweep.run_sweep` into the run's shared ``sweeps/`` folder, so what notebooks 05 and 06 already
-generated is reused), then picks one image per test sample by the paper's per-sample protocol and by the honest
+(:func:`pigeon_utils.sweep.run_sweep` into the run's shared ``sweeps/`` folder, so what notebooks 04, 05 and 06
+already generated is reused), then picks one image per test sample by the paper's per-sample protocol and by the honest
 one (:func:`pigeon_utils.scoring.select_protocols`) and scores the picked images with every metric of §7
 (:class:`pigeon_utils.metrics_models.Evaluator`). :func:`claims` reads the paper's three claims off the results.
 Every number is a mean with its standard error over the test samples.
@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pigeon_utils.scoring import mean_se, paired_difference, score_sweep, select_protocols
-from pigeon_utils.sweep import first_samples, load_image, run_sweep, sweep_folder
+from pigeon_utils.scoring import mean_se, paired_difference, select_protocols, sweep_scored
+from pigeon_utils.sweep import load_image, sweep_folder
 
 __all__ = ["Condition", "CONDITIONS", "find_models", "ModelLoader", "model_key", "with_mask_type", "make_evaluator", "sweep_condition",
            "evaluate_condition", "claims", "claims_text", "comparison_rows", "distinct_users", "GLYPH_BAR"]
@@ -159,11 +159,9 @@ def sweep_condition(cond: Condition, model, ds, run, cfg, clip, *, samples: dict
     out: dict = {"scores": {}, "folders": {}, "indexes": {}, "config": cfg}
     for split, n in samples.items():
         folder = sweep_folder(run.run_dir, cond.key, split, cfg)
-        res = run_sweep(model, ds, split, folder, cfg, max_samples=n, model_label=cond.label, resume=resume,
-                        progress=progress)
-        index = first_samples(res.index, n)
-        out["scores"][split] = score_sweep(index, folder, ds, clip)
-        out["folders"][split], out["indexes"][split] = folder, index
+        res, out["scores"][split] = sweep_scored(model, ds, split, folder, cfg, clip, max_samples=n,
+                                                 model_label=cond.label, resume=resume, progress=progress)
+        out["folders"][split], out["indexes"][split] = folder, res.index
     return out
 
 

@@ -400,15 +400,11 @@ def preference_data(model, ds, split: str, out_dir: Path | str, cfg, clip, *, ma
     as ``<out_dir>/scores.json`` and ``<out_dir>/pairs.json``. Notebook 04 passes the run's shared sweep folder
     (:func:`~pigeon_utils.sweep.sweep_folder`), so later notebooks reuse its images. Returns
     ``(PreferenceSet, SweepResult, SweepScores)``."""
-    from pigeon_utils.scoring import score_sweep
-    from pigeon_utils.sweep import first_samples, run_sweep
+    from pigeon_utils.scoring import sweep_scored
 
     out_dir = Path(out_dir)
-    sweep_dir = Path(sweep_dir) if sweep_dir is not None else out_dir
-    res = run_sweep(model, ds, split, sweep_dir, cfg, max_samples=max_samples, model_label=model_label, resume=resume,
-                    progress=progress)
-    res.index = first_samples(res.index, max_samples)  # a shared folder may hold more samples than asked for
-    scores = score_sweep(res.index, sweep_dir, ds, clip, progress=progress)
+    res, scores = sweep_scored(model, ds, split, out_dir if sweep_dir is None else sweep_dir, cfg, clip,
+                               max_samples=max_samples, model_label=model_label, resume=resume, progress=progress)
     scores.save(out_dir / "scores.json")
     pset = build_pairs(res.index, scores)
     pset.check_against(ds, split)

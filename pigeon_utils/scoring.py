@@ -32,7 +32,7 @@ from torch import Tensor
 __all__ = ["SELECT_WEIGHT", "history_cis", "reference_cs", "combined_score", "mean_se",
            "ClipScorer", "load_clip", "SweepScores", "score_sweep", "Selection", "select_per_sample", "select_on_validation",
            "select_protocols", "load_run_clip", "paired_difference",
-           "sweep_and_score", "optional_clip"]
+           "sweep_scored", "sweep_and_score", "optional_clip"]
 
 #: weight of the reference CS in the selection score (``select_ratio = 0.5`` upstream)
 SELECT_WEIGHT = 0.5
@@ -294,6 +294,21 @@ def paired_difference(base: SweepScores, new: SweepScores) -> dict:
             "overall": {k: mean_se(v.mean(1)) for k, v in d.items()}}
 
 
+def sweep_scored(model, ds, split: str, folder: Path | str, cfg, clip: ClipScorer, *, max_samples: Optional[int] = None,
+                 model_label: str = "", resume: bool = True, progress: bool = True):
+    """:func:`pigeon_utils.sweep.run_sweep` of `model` into `folder` (resumable), then the scores of its first
+    `max_samples` samples — a shared folder may hold more than were asked for. Returns ``(SweepResult, SweepScores)``,
+    the result's index restricted to those samples."""
+    from dataclasses import replace
+
+    from pigeon_utils.sweep import first_samples, run_sweep
+
+    res = run_sweep(model, ds, split, folder, cfg, max_samples=max_samples, model_label=model_label, resume=resume,
+                    progress=progress)
+    res = replace(res, index=first_samples(res.index, max_samples))
+    return res, score_sweep(res.index, folder, ds, clip, progress=progress)
+
+
 def sweep_and_score(models: dict, ds, split: str, root: Path | str, cfg, clip: ClipScorer, *,
                     max_samples: Optional[int] = None, resume: bool = True,
                     progress: bool = True) -> dict[str, SweepScores]:
@@ -302,12 +317,8 @@ def sweep_and_score(models: dict, ds, split: str, root: Path | str, cfg, clip: C
     :func:`~pigeon_utils.sweep.sweep_folder` under `root`, resumable) and score those samples' images; returns
     ``{key: SweepScores}``. The same samples, ratios and seeds for every model, so their scores can be compared
     sample by sample (:func:`paired_difference`)."""
-    from pigeon_utils.sweep import first_samples, run_sweep, sweep_folder
+    from pigeon_utils.sweep import sweep_folder
 
-    out = {}
-    for name, model in models.items():
-        folder = sweep_folder(root, name, split, cfg)
-        res = run_sweep(model, ds, split, folder, cfg, max_samples=max_samples, model_label=name, resume=resume,
-                        progress=progress)
-        out[name] = score_sweep(first_samples(res.index, max_samples), folder, ds, clip)
-    return out
+    return {name: sweep_scored(model, ds, split, sweep_folder(root, name, split, cfg), cfg, clip,
+                               max_samples=max_samples, model_label=name, resume=resume, progress=progress)[1]
+            for name, model in models.items()}
